@@ -1,0 +1,138 @@
+"""Typed models of config.toml's tables, validated once at load.
+
+These are the declarative schema (field, type, default, description) of
+everything the core reads. Plugin configs extend :class:`ConfigModel` the same
+way (see :mod:`aiogateway.plugin`). Loading, ``${VAR}`` interpolation and error
+formatting live in :mod:`aiogateway.config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ConfigModel",
+    "EventSpec",
+    "GatewaySettings",
+    "RouteSettings",
+    "ServerSettings",
+    "UpstreamSettings",
+]
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+class ConfigModel(BaseModel):
+    """Base of every config table: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ServerSettings(ConfigModel):
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8002, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    workers: int = Field(1, ge=1, le=256, description=">1: processes sharing the port.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds to drain on SIGTERM.")
+    max_body_bytes: int = Field(0, ge=0, description="Request body limit; 0 = unlimited.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the gateway's logs."
+    )
+    access_log: bool = Field(True, description="One JSON access-log line per request.")
+    keepalive_timeout: float = Field(75.0, ge=0, description="Idle client keep-alive, seconds.")
+    client_header_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client may take to send its request head."
+    )
+    max_line_size: int = Field(8190, ge=256, description="Longest request line (414 past it).")
+    max_field_size: int = Field(8190, ge=256, description="Longest header (431 past it).")
+    unmatched_chain: str | list[str] | None = Field(
+        None,
+        description=(
+            "Chain whose on_complete hooks see requests that match no route "
+            "(default: plugins that observe every request, such as metrics)."
+        ),
+    )
+
+
+class UpstreamSettings(ConfigModel):
+    url: str = Field(description="Base URL, http://host:port (https supported).")
+    connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect.")
+    read_timeout: float = Field(30.0, gt=0, description="Longest gap between bytes, seconds.")
+    pool_size: int = Field(256, ge=1, description="Most connections (kept alive) at once.")
+    keepalive_timeout: float = Field(
+        30.0, ge=0, description="Seconds an idle pooled connection is kept."
+    )
+    openapi: str | None = Field(None, description="Path of the service's OpenAPI document.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class EventSpec(ConfigModel):
+    topic: str = Field(min_length=1, description="Kafka topic.")
+    type: str = Field(min_length=1, description="CloudEvents type.")
+    on: Literal["success", "always"] = Field(
+        "success", description="success: 2xx only; always: every request."
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="Extra static CloudEvents attributes."
+    )
+
+
+class RouteSettings(ConfigModel):
+    name: str | None = Field(None, description="Defaults to 'METHOD path'.")
+    methods: list[str] | None = Field(None, description="Allowed methods; none = any.")
+    path: str | None = Field(None, description="Exact path with {param} segments.")
+    prefix: str | None = Field(None, description="Everything below this path.")
+    upstream: str = Field(description="Name of an [upstreams.*] table.")
+    chain: str | list[str] = Field(
+        default_factory=list, description="A [chains] name or a list of plugin instances."
+    )
+    strip_prefix: bool = Field(False, description="Prefix routes: forward only the rest.")
+    upstream_path: str | None = Field(None, description="Template of the upstream path.")
+    max_body_bytes: int | None = Field(None, ge=0, description="Overrides server.max_body_bytes.")
+    websocket: bool = Field(True, description="Proxy WebSocket upgrades on this route.")
+    event: EventSpec | None = Field(None, description="kafka-emit: the event this route emits.")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out = [m.upper() for m in v]
+        bad = [m for m in out if m not in HTTP_METHODS]
+        if bad:
+            raise ValueError(f"unknown HTTP method(s) {bad}")
+        if not out:
+            raise ValueError("must not be empty (leave it out to allow every method)")
+        return out
+
+    @model_validator(mode="after")
+    def _path_xor_prefix(self) -> RouteSettings:
+        if (self.path is None) == (self.prefix is None):
+            raise ValueError("a route needs exactly one of 'path' or 'prefix'")
+        where = self.path if self.path is not None else self.prefix
+        assert where is not None
+        if not where.startswith("/"):
+            raise ValueError("'path'/'prefix' must start with '/'")
+        if self.strip_prefix and self.prefix is None:
+            raise ValueError("'strip_prefix' applies to prefix routes only")
+        if self.strip_prefix and self.upstream_path is not None:
+            raise ValueError("set either 'strip_prefix' or 'upstream_path', not both")
+        return self
+
+
+class GatewaySettings(ConfigModel):
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    # Plugin tables are validated by each plugin's own Config after `type` is resolved.
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    chains: dict[str, list[str]] = Field(default_factory=dict)
+    routes: list[RouteSettings] = Field(default_factory=list)
