@@ -48,6 +48,9 @@ class ServerSettings(ConfigModel):
     )
     max_line_size: int = Field(8190, ge=256, description="Longest request line (414 past it).")
     max_field_size: int = Field(8190, ge=256, description="Longest header (431 past it).")
+    state_dir: str = Field(
+        ".run/state", description="Writable directory for local state (spools), per gateway."
+    )
     unmatched_chain: str | list[str] | None = Field(
         None,
         description=(

@@ -1,0 +1,8 @@
+"""Test fixtures live in tests/support/, one module per real thing they start."""
+
+pytest_plugins = [
+    "tests.support.upstreams",
+    "tests.support.gateway",
+    "tests.support.postgres",
+    "tests.support.kafka",
+]
