@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.support.upstreams",
+    "tests.support.relay",
     "tests.support.gateway",
     "tests.support.postgres",
     "tests.support.kafka",
