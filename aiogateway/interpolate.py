@@ -47,9 +47,13 @@ class ConfigErrors(ConfigError):
         errors: list[ConfigError] = getattr(self, "errors", [])
         if len(errors) <= 1:
             return super().__str__()
-        lines = [f"{len(errors)} errors:"]
-        lines.extend(f"  {ConfigError.__str__(e)}" for e in errors)
-        return "\n".join(lines)
+        files = {e.file for e in errors}
+        if len(files) != 1:
+            return "\n".join([f"{len(errors)} errors:"] + [f"  {e}" for e in errors])
+        # One file (the usual case): name it once, then one "location: message" a line.
+        head = [f"{files.pop()}: {len(errors)} errors:"] if errors[0].file else []
+        body = [f"  {ConfigError(e.message, location=e.location)}" for e in errors]
+        return "\n".join(head + body) if head else "\n".join([f"{len(errors)} errors:", *body])
 
     def in_file(self, file: str) -> ConfigErrors:
         return ConfigErrors([e.in_file(file) for e in self.errors])
