@@ -120,6 +120,14 @@ class Plugin(Generic[ConfigT]):
         """Headers this plugin sets from identity; stripped from every request."""
         return ()
 
+    def strip_request_headers(self) -> Iterable[str]:
+        """Lower-case headers removed from requests on routes whose chain has this plugin.
+
+        For credentials the upstream must not see (service-key's key header,
+        jwt-check's Authorization with ``forward_authorization = false``).
+        """
+        return ()
+
     def endpoints(self) -> Sequence[Endpoint]:
         """Paths the gateway answers on this plugin's behalf."""
         return ()
