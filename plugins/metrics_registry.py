@@ -1,0 +1,339 @@
+"""The metrics plugin's metric families: one set per gateway and instance, kept across reloads.
+
+A SIGHUP reload builds new plugin instances, but Prometheus counters must keep
+counting: resetting them would show as a counter reset on every reload, and
+registering the same names twice in one registry fails. So the families live in
+a :class:`MetricFamilies` store that :func:`families_for` caches per gateway
+(weakly keyed by the running app, so a gateway that goes away, such as one
+started by a test, takes its numbers with it) and per instance name. A new
+instance of the same name finds the same store; only a change of buckets
+replaces the affected histogram.
+
+The store is also the :class:`~aiogateway.telemetry.TelemetrySink`. It is
+registered once however many instances share it (reference counted), so the
+overlap of old and new instances during a reload never counts a report twice.
+
+Single process: each store has its own ``CollectorRegistry`` (tests and
+reloads never collide on the global one). ``PROMETHEUS_MULTIPROC_DIR`` set
+(``workers > 1``): values go to prometheus_client's per-process mmap files and
+a scrape merges every worker's files with ``MultiProcessCollector``, so any
+worker answers with the totals of all of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from aiogateway.exchange import Exchange
+    from aiogateway.telemetry import Telemetry
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "KNOWN_METHODS",
+    "MetricFamilies",
+    "families_for",
+    "multiprocess_dir",
+    "valid_buckets",
+]
+
+log = logging.getLogger("aiogateway.plugins.metrics")
+
+#: Request durations through a gateway: sub-millisecond cache hits to slow reports.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+#: Methods kept as their own label value; anything else is "OTHER" (bounded cardinality).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+_Bound = tuple[Counter, Histogram, Counter, Counter]
+
+
+def multiprocess_dir() -> str | None:
+    """The prometheus_client multiprocess directory, when that mode is on."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _ensure_multiprocess_values() -> None:
+    """Make new metric values mmap-backed even if prometheus_client was imported early.
+
+    prometheus_client picks its value class from the environment once, at import.
+    The supervisor may import it (loading config.toml) before it exports
+    PROMETHEUS_MULTIPROC_DIR and forks the workers, which would leave every
+    worker counting in private memory that no scrape ever merges.
+    """
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+class MetricFamilies:
+    """The families of one gateway's metrics instance, and its telemetry sink."""
+
+    def __init__(self, buckets: Sequence[float], upstream_buckets: Sequence[float]) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        if self.multiprocess:
+            _ensure_multiprocess_values()
+        reg = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by route name, method and status.",
+            ("route", "method", "status"),
+            registry=reg,
+        )
+        self.request_bytes = Counter(
+            "gateway_request_bytes_total",
+            "Request body bytes received from clients.",
+            ("route",),
+            registry=reg,
+        )
+        self.response_bytes = Counter(
+            "gateway_response_bytes_total",
+            "Response body bytes sent to clients.",
+            ("route",),
+            registry=reg,
+        )
+        # livesum: each worker tracks its own requests; the total is the sum over
+        # the workers alive now (a dead worker's requests are no longer in flight).
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Proxied requests in progress (routes whose chain includes metrics).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Failed upstream calls, by upstream name and kind (connect, timeout, reset).",
+            ("upstream", "kind"),
+            registry=reg,
+        )
+        self.rejections = Counter(
+            "gateway_plugin_rejections_total",
+            "Requests a plugin answered instead of the upstream (401, 403, 413, 429 ...).",
+            ("plugin", "route", "status"),
+            registry=reg,
+        )
+        self.failures = Counter(
+            "gateway_plugin_failures_total",
+            "Plugin hooks that raised (logged, never shown to the client).",
+            ("plugin", "hook"),
+            registry=reg,
+        )
+        self.events = Counter(
+            "gateway_events_total",
+            "Domain events by topic and outcome (delivered, spooled, dropped, failed).",
+            ("topic", "outcome"),
+            registry=reg,
+        )
+        self.audit = Counter(
+            "gateway_audit_records_total",
+            "Audit rows by outcome (written, spooled, dropped, failed).",
+            ("outcome",),
+            registry=reg,
+        )
+        # livesum: every worker has its own audit/event queues, so the backlog the
+        # operator cares about is their sum; "max" would hide all but one worker.
+        self.queue = Gauge(
+            "gateway_queue_depth",
+            "Items waiting in a plugin's queue (audit, events), summed over workers.",
+            ("queue",),
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.buckets: tuple[float, ...] = ()
+        self.upstream_buckets: tuple[float, ...] = ()
+        self.duration: Histogram | None = None
+        self.upstream_duration: Histogram | None = None
+        self.set_buckets(buckets, upstream_buckets)
+
+        if self.multiprocess:
+            self.scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self.scrape_registry)  # type: ignore[no-untyped-call]
+        else:
+            self.scrape_registry = reg
+        self.users = 0
+
+    # Configuration -----------------------------------------------------------
+
+    def set_buckets(self, buckets: Sequence[float], upstream_buckets: Sequence[float]) -> None:
+        """(Re)create a histogram whose buckets changed; counters are untouched.
+
+        The label caches are cleared with it, so requests still finishing on an
+        old plugin instance record into the current histogram, not an orphan.
+        """
+        buckets, upstream_buckets = tuple(buckets), tuple(upstream_buckets)
+        if buckets != self.buckets:
+            if self.duration is not None:
+                log.warning("metrics: request-duration buckets changed; histogram restarts")
+                self.registry.unregister(self.duration)
+            self.duration = Histogram(
+                "gateway_request_duration_seconds",
+                "Seconds from the request's arrival to its last response byte.",
+                ("route", "method"),
+                registry=self.registry,
+                buckets=buckets,
+            )
+            self.buckets = buckets
+        if upstream_buckets != self.upstream_buckets:
+            if self.upstream_duration is not None:
+                log.warning("metrics: upstream-duration buckets changed; histogram restarts")
+                self.registry.unregister(self.upstream_duration)
+            self.upstream_duration = Histogram(
+                "gateway_upstream_duration_seconds",
+                "Seconds from calling the upstream to its response headers.",
+                ("upstream",),
+                registry=self.registry,
+                buckets=upstream_buckets,
+            )
+            self.upstream_buckets = upstream_buckets
+        # Label children bound once per label set: the hot path is a dict lookup.
+        self._by_request: dict[tuple[str, str, int], _Bound] = {}
+        self._by_upstream: dict[str, Histogram] = {}
+        self._errors: dict[tuple[str, str], Counter] = {}
+        self._rejections: dict[tuple[str, str, int], Counter] = {}
+
+    def acquire(self, telemetry: Telemetry) -> None:
+        """A plugin instance starts using the store: the first one registers the sink."""
+        self.users += 1
+        if self.users == 1:
+            telemetry.add_sink(self)
+
+    def release(self, telemetry: Telemetry) -> None:
+        """A plugin instance shut down: the last one removes the sink."""
+        self.users -= 1
+        if self.users == 0:
+            telemetry.remove_sink(self)
+
+    # Per request (the hot path) ------------------------------------------------
+
+    def complete(self, exchange: Exchange) -> None:
+        """Record one finished exchange: count, duration, bytes, upstream time."""
+        method = exchange.method
+        if method not in KNOWN_METHODS:
+            method = "OTHER"
+        route = exchange.route_name
+        key = (route, method, exchange.status)
+        bound = self._by_request.get(key)
+        if bound is None:
+            bound = self._bind_request(key)
+        bound[0].inc()
+        bound[1].observe(exchange.duration)
+        if exchange.bytes_in:
+            bound[2].inc(exchange.bytes_in)
+        if exchange.bytes_out:
+            bound[3].inc(exchange.bytes_out)
+        upstream_time = exchange.upstream_duration
+        if upstream_time is not None and exchange.route is not None:
+            name = exchange.route.upstream.name
+            child = self._by_upstream.get(name)
+            if child is None:
+                assert self.upstream_duration is not None
+                child = self._by_upstream[name] = self.upstream_duration.labels(name)
+            child.observe(upstream_time)
+
+    def _bind_request(self, key: tuple[str, str, int]) -> _Bound:
+        route, method, status = key
+        assert self.duration is not None
+        bound = (
+            self.requests.labels(route, method, str(status)),
+            self.duration.labels(route, method),
+            self.request_bytes.labels(route),
+            self.response_bytes.labels(route),
+        )
+        self._by_request[key] = bound
+        return bound
+
+    # TelemetrySink: fast, never raising --------------------------------------------
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        key = (upstream, kind)
+        child = self._errors.get(key)
+        if child is None:
+            child = self._errors[key] = self.upstream_errors.labels(upstream, kind)
+        child.inc()
+
+    def plugin_rejection(self, plugin: str, route: str, status: int) -> None:
+        key = (plugin, route, status)
+        child = self._rejections.get(key)
+        if child is None:
+            child = self._rejections[key] = self.rejections.labels(plugin, route, str(status))
+        child.inc()
+
+    def plugin_failure(self, plugin: str, hook: str) -> None:
+        self.failures.labels(plugin, hook).inc()
+
+    def event_outcome(self, topic: str, outcome: str, count: int) -> None:
+        if count > 0:
+            self.events.labels(topic, outcome).inc(count)
+
+    def audit_outcome(self, outcome: str, count: int) -> None:
+        if count > 0:
+            self.audit.labels(outcome).inc(count)
+
+    def queue_depth(self, queue: str, depth: int) -> None:
+        self.queue.labels(queue).set(depth)
+
+    # Exposition ----------------------------------------------------------------
+
+    def render(self, accept: str, openmetrics: bool) -> tuple[bytes, str]:
+        """The scrape body and its content type (OpenMetrics when asked and allowed)."""
+        encoder: Callable[[Collector], bytes] = generate_latest
+        content_type = CONTENT_TYPE_PLAIN_0_0_4
+        if openmetrics and accept:
+            encoder, content_type = choose_encoder(accept)
+        return encoder(self.scrape_registry), content_type
+
+
+# Stores per running gateway (weakly: a stopped gateway's numbers go with it), then
+# per instance name, so a reload's new instance continues the old one's counters.
+_STORES: weakref.WeakKeyDictionary[object, dict[str, MetricFamilies]] = weakref.WeakKeyDictionary()
+
+
+def families_for(
+    app: object, name: str, buckets: Sequence[float], upstream_buckets: Sequence[float]
+) -> MetricFamilies:
+    """The store of instance ``name`` in gateway ``app``, created on first use."""
+    per_app = _STORES.get(app)
+    if per_app is None:
+        per_app = _STORES[app] = {}
+    store = per_app.get(name)
+    if store is None:
+        if multiprocess_dir() is not None and per_app:
+            # mmap values are keyed by metric name and labels only: two stores in one
+            # process would overwrite each other's numbers.
+            log.warning(
+                "metrics: instances %s and %r both record with workers > 1; "
+                "their numbers collide, keep one metrics instance",
+                sorted(per_app),
+                name,
+            )
+        store = per_app[name] = MetricFamilies(buckets, upstream_buckets)
+    else:
+        store.set_buckets(buckets, upstream_buckets)
+    return store
+
+
+def valid_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
+    """Buckets as a histogram needs them: finite, positive, strictly increasing."""
+    out = tuple(float(b) for b in buckets)
+    if not out:
+        raise ValueError("needs at least one bucket")
+    if any(not math.isfinite(b) or b <= 0 for b in out):
+        raise ValueError("buckets must be finite and > 0 (+Inf is added automatically)")
+    if any(a >= b for a, b in itertools.pairwise(out)):
+        raise ValueError("buckets must be strictly increasing")
+    return out
