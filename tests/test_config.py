@@ -149,9 +149,7 @@ def test_validator_message_is_kept(tmp_path: Path) -> None:
     assert err.message == "must start with http:// or https://"
 
 
-@pytest.mark.parametrize(
-    "where", ['path = "/a"\nprefix = "/b"\n', ""], ids=["both", "neither"]
-)
+@pytest.mark.parametrize("where", ['path = "/a"\nprefix = "/b"\n', ""], ids=["both", "neither"])
 def test_route_needs_exactly_one_of_path_or_prefix(tmp_path: Path, where: str) -> None:
     text = BASE + f'[[routes]]\nname = "r"\n{where}upstream = "auth"\n'
     err = fails(write(tmp_path, text))
