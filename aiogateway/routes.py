@@ -55,3 +55,5 @@ class RouteTable:
     endpoints: dict[str, tuple[Endpoint, Chain]] = field(default_factory=dict)
     # on_complete hooks for requests that match no route.
     unmatched_chain: Chain = field(default_factory=lambda: Chain("unmatched", ()))
+    # Pools of the previous table not reused by this one: close them after the swap.
+    retired_pools: list[UpstreamPool] = field(default_factory=list)
