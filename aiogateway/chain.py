@@ -28,7 +28,7 @@ AnyPlugin = Plugin[PluginConfig]
 class Chain:
     """An ordered tuple of plugin instances and their bound hooks."""
 
-    __slots__ = ("name", "on_complete", "on_request", "on_response", "plugins")
+    __slots__ = ("name", "on_complete", "on_request", "on_response", "plugins", "strip_headers")
 
     def __init__(self, name: str, plugins: tuple[AnyPlugin, ...]) -> None:
         self.name = name
@@ -38,6 +38,12 @@ class Chain:
         ] = tuple((p, p.on_request) for p in plugins if implements(p, "on_request"))
         self.on_response: tuple[Callable[[Exchange], Awaitable[None]], ...] = tuple(
             p.on_response for p in plugins if implements(p, "on_response")
+        )
+        # Lower-case request headers this chain's plugins consume (e.g. a service key).
+        self.strip_headers: frozenset[bytes] = frozenset(
+            h.lower().encode("latin-1")
+            for p in plugins
+            for h in getattr(p, "strip_request_headers", tuple)()
         )
         self.on_complete: tuple[tuple[AnyPlugin, Callable[[Exchange], Awaitable[None]]], ...] = (
             tuple((p, p.on_complete) for p in plugins if implements(p, "on_complete"))

@@ -55,5 +55,13 @@ class RouteTable:
     endpoints: dict[str, tuple[Endpoint, Chain]] = field(default_factory=dict)
     # on_complete hooks for requests that match no route.
     unmatched_chain: Chain = field(default_factory=lambda: Chain("unmatched", ()))
+    # Requests being served with this table; a replaced table's plugins shut down at 0.
+    in_flight: int = 0
+    # Per chain: every request header name the proxy drops (filled lazily, hot path).
+    request_drop: dict[Chain, frozenset[bytes]] = field(default_factory=dict)
     # Pools of the previous table not reused by this one: close them after the swap.
     retired_pools: list[UpstreamPool] = field(default_factory=list)
+
+    @property
+    def identity_headers_b(self) -> frozenset[bytes]:
+        return frozenset(h.lower().encode("latin-1") for h in self.identity_headers)

@@ -1,0 +1,44 @@
+# aiogateway developer workflow. Needs only Python 3.11 (and the package registries).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install dev test lint test-tools bench bench-quick clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# promtool (Debian's prometheus package) validates /metrics output; best effort.
+test-tools:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq prometheus >/dev/null) \
+	  || echo "promtool unavailable: its test will be skipped"; } || true
+
+# The tests start what they need themselves: upstream servers, gateways, an embedded
+# PostgreSQL (unless TEST_DATABASE_URL is reachable) and a Kafka-protocol broker
+# (unless KAFKA_BOOTSTRAP_SERVERS is set).
+test: $(STAMP) test-tools
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check aiogateway plugins tests bench
+	$(BIN)/mypy
+
+dev: $(STAMP)
+	$(BIN)/aiogateway serve --config config.toml
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""Header rewriting between client and upstream, on raw bytes (no re-parsing).
+
+Request: hop-by-hop headers and the headers the gateway owns are dropped, the
+client's other headers pass through in order, then the gateway appends
+X-Forwarded-For/Proto/Host, X-Request-ID and what plugins added. Framing
+(Host, Content-Length, Transfer-Encoding) is the upstream pool's job.
+Response: hop-by-hop and framing headers are dropped; aiohttp writes framing
+for the client connection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from multidict import CIMultiDict
+
+__all__ = [
+    "HOP_BY_HOP",
+    "REQUEST_DROP",
+    "RESPONSE_DROP",
+    "connection_tokens",
+    "new_request_id",
+    "request_id_from",
+    "response_headers",
+    "upstream_request_headers",
+]
+
+# RFC 9110 §7.6.1 plus the legacy Proxy-Connection; Proxy-* are never end-to-end.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# Set by the gateway itself or written by the pool as framing.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-request-id",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-for",
+}
+
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+_MAX_REQUEST_ID = 128
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def request_id_from(value: str | None) -> str:
+    """Keep the client's X-Request-ID if sane (≤128 printable ASCII), else make one."""
+    if value and len(value) <= _MAX_REQUEST_ID and value.isascii() and value.isprintable():
+        return value
+    return new_request_id()
+
+
+def connection_tokens(raw_headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names the Connection header declares hop-by-hop (lower-case)."""
+    names: set[bytes] = set()
+    for name, value in raw_headers:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+def upstream_request_headers(
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    drop: frozenset[bytes],
+    *,
+    client_ip: str,
+    proto: str,
+    request_id: str,
+    extra: Iterable[tuple[str, str]] = (),
+) -> list[tuple[bytes, bytes]]:
+    """The header list sent upstream. ``drop`` = REQUEST_DROP | identity | chain strips."""
+    out: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
+    host = b""
+    has_connection = False
+    for name, value in raw_headers:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif lname == b"host":
+                host = value
+            elif lname == b"connection":
+                has_connection = True
+            continue
+        out.append((name, value))
+    if has_connection:
+        # Headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        listed = connection_tokens(raw_headers)
+        if listed:
+            out = [(n, v) for n, v in out if n.lower() not in listed]
+    forwarded_for.append(client_ip.encode())
+    out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    out.append((b"X-Forwarded-Proto", proto.encode()))
+    if host:
+        out.append((b"X-Forwarded-Host", host))
+    out.append((b"X-Request-ID", request_id.encode()))
+    for name, value in extra:
+        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+def response_headers(
+    raw_headers: Sequence[tuple[bytes, bytes]], request_id: str
+) -> CIMultiDict[str]:
+    """The upstream's response headers as the client gets them."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    listed: frozenset[bytes] | None = None
+    for name, value in raw_headers:
+        lname = name.lower()
+        if lname in RESPONSE_DROP:
+            if lname == b"connection":
+                listed = connection_tokens(raw_headers)
+            continue
+        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    if listed:
+        for token in listed:
+            headers.popall(token.decode("latin-1"), None)
+    headers["X-Request-ID"] = request_id
+    return headers

@@ -1,0 +1,310 @@
+"""The request handler: route, run the chain, stream to the upstream and back.
+
+One error boundary (``__call__``) turns failures into the gateway's JSON
+errors: upstream connect/reset 502, timeout 504, body too large 413, bad path
+400, anything unexpected 500 (logged, never shown). ``CancelledError`` (the
+client went away: aiohttp cancels the handler) is re-raised after cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from . import errors
+from .accesslog import log_access
+from .exchange import Exchange
+from .headers import REQUEST_DROP, request_id_from, response_headers, upstream_request_headers
+from .pathnorm import BadPath, encode_path, normalize_path
+from .upstream import UpstreamError, UpstreamResponse
+from .websocket import is_websocket_upgrade, proxy_websocket
+
+if TYPE_CHECKING:
+    from .chain import Chain
+    from .routes import Route, RouteTable
+    from .server import Gateway
+
+__all__ = ["ProxyHandler"]
+
+log = logging.getLogger("aiogateway.proxy")
+
+# Bodies up to this size are read whole and sent with the request head in one write.
+SMALL_BODY = 64 * 1024
+
+_STATUS_FOR_UPSTREAM_ERROR = {"connect": 502, "reset": 502, "protocol": 502, "timeout": 504}
+_CODE_FOR_STATUS = {502: errors.BAD_GATEWAY, 504: errors.GATEWAY_TIMEOUT}
+_MESSAGE_FOR_KIND = {
+    "connect": "upstream unreachable",
+    "reset": "upstream connection reset",
+    "protocol": "upstream sent an invalid response",
+    "timeout": "upstream timed out",
+}
+
+
+class BodyTooLarge(Exception):
+    """The request body crossed the route's max_body_bytes mid-stream."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection while sending the body."""
+
+
+class ProxyResponse(web.StreamResponse):
+    # Coalesce the response head with the first body chunk into one write.
+    _send_headers_immediately = False
+
+
+class ProxyHandler:
+    """The ``aiohttp.web.Server`` handler for every request."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.telemetry = gateway.telemetry
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        raw_path, _, query = request.raw_path.partition("?")
+        request_id = request_id_from(request.headers.get("X-Request-ID"))
+        table = self.gateway.table
+        exchange = Exchange(
+            request, request_id, request.method, raw_path, query, request.remote or "", started
+        )
+        table.in_flight += 1
+        chain: Chain = table.unmatched_chain
+        try:
+            try:
+                exchange.path = path = normalize_path(raw_path)
+            except BadPath as exc:
+                exchange.error = "bad_request"
+                return self._error(exchange, 400, errors.BAD_REQUEST, str(exc))
+            special = self.gateway.special_handler(path)
+            if special is not None:
+                return await special(request)
+            endpoint = table.endpoints.get(path)
+            if endpoint is not None:
+                return await self._endpoint(exchange, *endpoint)
+            match = table.router.match(request.method, path)
+            if match is None:
+                return self._error(exchange, 404, errors.NOT_FOUND, "no route for this path")
+            if isinstance(match, frozenset):
+                allow = ", ".join(sorted(match))
+                return self._error(
+                    exchange, 405, errors.METHOD_NOT_ALLOWED, "method not allowed",
+                    {"Allow": allow},
+                )
+            route, exchange.params = match
+            exchange.route = route
+            chain = route.chain
+            return await self._proxy(exchange, route, table)
+        except asyncio.CancelledError:
+            if exchange.error is None:
+                exchange.error = "client_abort"
+            raise
+        except Exception:
+            log.exception("internal error on request %s", request_id)
+            exchange.error = "internal"
+            return self._error(exchange, 500, errors.INTERNAL_ERROR, "internal error")
+        finally:
+            table.in_flight -= 1
+            exchange.finished = time.perf_counter()
+            if self.gateway.access_log:
+                log_access(exchange)
+            if chain.on_complete:
+                await self._complete(chain, exchange)
+
+    async def _complete(self, chain: Chain, exchange: Exchange) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A cancelled task cannot await safely: finish the hooks in their own task.
+            self.gateway.spawn(chain.run_on_complete(exchange, self.telemetry))
+        else:
+            await chain.run_on_complete(exchange, self.telemetry)
+
+    def _error(
+        self,
+        exchange: Exchange,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        exchange.status = status
+        return errors.error_response(status, code, message, exchange.request_id, headers)
+
+    async def _endpoint(self, exchange: Exchange, endpoint: object, chain: Chain) -> web.StreamResponse:
+        from .plugin import Endpoint
+
+        assert isinstance(endpoint, Endpoint)
+        if exchange.method not in endpoint.methods:
+            allow = ", ".join(sorted(endpoint.methods))
+            return self._error(
+                exchange, 405, errors.METHOD_NOT_ALLOWED, "method not allowed", {"Allow": allow}
+            )
+        rejection = await chain.run_on_request(exchange)
+        if rejection is not None:
+            return self._rejected(exchange, rejection)
+        response = await endpoint.handler(exchange.request)
+        exchange.status = response.status
+        return response
+
+    def _rejected(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        exchange.status = response.status
+        response.headers["X-Request-ID"] = exchange.request_id
+        self.telemetry.plugin_rejection(
+            exchange.rejected_by or "", exchange.route_name, response.status
+        )
+        return response
+
+    async def _proxy(self, exchange: Exchange, route: Route, table: RouteTable) -> web.StreamResponse:
+        request = exchange.request
+        limit = route.max_body_bytes
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            exchange.error = "body_too_large"
+            return self._error(
+                exchange, 413, errors.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes"
+            )
+        chain = route.chain
+        if chain.on_request:
+            rejection = await chain.run_on_request(exchange)
+            if rejection is not None:
+                return self._rejected(exchange, rejection)
+        if route.websocket and is_websocket_upgrade(request):
+            return await proxy_websocket(self.gateway, exchange, route, self._upstream_target(exchange, route))
+
+        drop = table.request_drop.get(chain)
+        if drop is None:
+            drop = table.request_drop[chain] = REQUEST_DROP | table.identity_headers_b | chain.strip_headers
+        headers = upstream_request_headers(
+            request.raw_headers,
+            drop,
+            client_ip=exchange.client_ip,
+            proto=request.scheme,
+            request_id=exchange.request_id,
+            extra=exchange.extra_upstream_headers,
+        )
+        body: AsyncIterator[bytes] | bytes | None
+        if not request.body_exists:
+            body = None
+        elif length is not None and length <= SMALL_BODY:
+            try:
+                body = await request.content.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                exchange.error = "client_abort"
+                return self._error(exchange, 400, errors.BAD_REQUEST, "incomplete request body")
+            exchange.bytes_in = length
+        else:
+            body = self._stream_body(exchange, limit)
+
+        pool = route.upstream
+        exchange.upstream_started = time.perf_counter()
+        try:
+            upstream = await pool.request(
+                exchange.method, self._upstream_target(exchange, route), headers, body, length
+            )
+        except UpstreamError as exc:
+            return self._upstream_failed(exchange, pool.name, exc)
+        except (BodyTooLarge, ClientGone):
+            pass  # handled below from exchange.error
+        else:
+            return await self._relay(exchange, upstream)
+        return self._body_failed(exchange, limit)
+
+    def _body_failed(self, exchange: Exchange, limit: int) -> web.StreamResponse:
+        if exchange.error == "body_too_large":
+            return self._error(
+                exchange, 413, errors.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes"
+            )
+        exchange.error = exchange.error or "client_abort"
+        return self._error(exchange, 400, errors.BAD_REQUEST, "request body not received")
+
+    def _upstream_failed(self, exchange: Exchange, upstream: str, exc: UpstreamError) -> web.StreamResponse:
+        if exchange.error in ("body_too_large", "client_abort"):
+            # The pool saw our body iterator fail; that is the real cause.
+            return self._body_failed(exchange, exchange.route.max_body_bytes if exchange.route else 0)
+        kind = exc.kind
+        exchange.error = kind
+        self.telemetry.upstream_error(upstream, kind)
+        status = _STATUS_FOR_UPSTREAM_ERROR.get(kind, 502)
+        return self._error(exchange, status, _CODE_FOR_STATUS[status], _MESSAGE_FOR_KIND.get(kind, "upstream error"))
+
+    def _upstream_target(self, exchange: Exchange, route: Route) -> bytes:
+        path = exchange.path
+        if route.upstream_path is not None:
+            path = route.upstream_path.format_map(exchange.params)
+        elif route.strip_prefix and route.prefix is not None:
+            path = path[len(route.prefix.rstrip("/")) :] or "/"
+            if not path.startswith("/"):
+                path = "/" + path
+        target = encode_path(path)
+        if exchange.query:
+            target = f"{target}?{exchange.query}"
+        return target.encode("latin-1")
+
+    async def _stream_body(self, exchange: Exchange, limit: int) -> AsyncIterator[bytes]:
+        content = exchange.request.content
+        received = 0
+        while True:
+            try:
+                chunk = await content.readany()
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                exchange.error = "client_abort"
+                raise ClientGone from exc
+            if not chunk:
+                return
+            received += len(chunk)
+            exchange.bytes_in = received
+            if limit and received > limit:
+                exchange.error = "body_too_large"
+                raise BodyTooLarge
+            yield chunk
+
+    async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
+        """Stream the upstream's response to the client with backpressure."""
+        exchange.upstream_headers_at = time.perf_counter()
+        exchange.upstream_status = exchange.status = upstream.status
+        exchange.response_headers = headers = response_headers(upstream.headers, exchange.request_id)
+        # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).
+        response = ProxyResponse(status=upstream.status, reason=upstream.reason, _real_headers=headers)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        route = exchange.route
+        assert route is not None
+        try:
+            for hook in route.chain.on_response:
+                await hook(exchange)
+            request = exchange.request
+            await response.prepare(request)
+            sent = 0
+            while chunk := await upstream.read():
+                await response.write(chunk)
+                sent += len(chunk)
+                exchange.bytes_out = sent
+            await response.write_eof()
+        except UpstreamError as exc:
+            # Mid-body failure: the head is gone, so cut the client's stream short.
+            exchange.error = exc.kind
+            self.telemetry.upstream_error(upstream_name(exchange), exc.kind)
+            upstream.close()
+            response.force_close()
+            if exchange.request.transport is not None:
+                exchange.request.transport.abort()
+            return response
+        except ConnectionError:
+            exchange.error = "client_abort"
+            upstream.close()
+            return response
+        except BaseException:
+            upstream.close()
+            raise
+        upstream.release()
+        return response
+
+
+def upstream_name(exchange: Exchange) -> str:
+    return exchange.route.upstream.name if exchange.route is not None else ""

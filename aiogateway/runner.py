@@ -1,0 +1,64 @@
+"""Running one gateway process: event loop, signals, graceful stop.
+
+SIGTERM/SIGINT: stop accepting, drain in-flight requests (bounded by
+server.shutdown_timeout), flush plugins, exit 0. SIGHUP: reload config.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+from .logs import setup_logging
+from .server import Gateway
+
+__all__ = ["install_uvloop", "run_gateway"]
+
+log = logging.getLogger("aiogateway.runner")
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed (the `uvloop` extra): a faster event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def _serve(gateway: Gateway) -> int:
+    try:
+        await gateway.start()
+    except ConfigError as exc:
+        print(f"aiogateway: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(gateway.table.settings.server.log_level.upper())
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
+    await stopping.wait()
+    log.info("stopping: draining in-flight requests")
+    await gateway.stop()
+    log.info("stopped")
+    return 0
+
+
+def run_gateway(
+    config: Path,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    worker_id: int = 0,
+    reuse_port: bool = False,
+) -> int:
+    setup_logging("info")
+    install_uvloop()
+    gateway = Gateway(config, host=host, port=port, worker_id=worker_id, reuse_port=reuse_port)
+    return asyncio.run(_serve(gateway))

@@ -1,0 +1,217 @@
+"""The running gateway: load config, start plugins, serve, reload, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .config import load_table
+from .errors import ConfigError
+from .proxy import ProxyHandler
+from .routes import RouteTable
+from .telemetry import Telemetry
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("aiogateway.server")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class Gateway:
+    """One gateway process (or worker): implements the plugins' ``GatewayApp``."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        worker_id: int = 0,
+        reuse_port: bool = False,
+        state_dir: str | Path | None = None,
+    ) -> None:
+        self._config_path = Path(config_path)
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._env = env
+        self._host = host
+        self._port = port
+        self._worker_id = worker_id
+        self._reuse_port = reuse_port
+        self.telemetry = Telemetry()
+        self.readiness: dict[str, tuple[bool, str]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runner: web.ServerRunner | None = None
+        self._ws_session: aiohttp.ClientSession | None = None
+        self._reload_lock = asyncio.Lock()
+        self._special: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self.table: RouteTable
+        self.port = 0
+        self.access_log = True
+
+    # GatewayApp --------------------------------------------------------------
+
+    @property
+    def settings(self) -> Any:
+        return self.table.settings
+
+    @property
+    def config_path(self) -> Path:
+        return self._config_path
+
+    @property
+    def state_dir(self) -> Path:
+        path = self._state_dir or Path(self.table.settings.server.state_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def worker_id(self) -> int:
+        return self._worker_id
+
+    def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
+        self.readiness[component] = (ready, detail)
+
+    # Lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load config.toml, start every plugin, then listen."""
+        self.table = load_table(self._config_path, self._env)
+        server_settings = self.table.settings.server
+        self.access_log = server_settings.access_log
+        await self._start_plugins(self.table)
+        self.set_ready("config", True, str(self._config_path))
+        server = web.Server(
+            ProxyHandler(self),
+            handler_cancellation=True,
+            access_log=None,
+            auto_decompress=False,
+            keepalive_timeout=server_settings.keepalive_timeout,
+            max_line_size=server_settings.max_line_size,
+            max_field_size=server_settings.max_field_size,
+        )
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=server_settings.shutdown_timeout
+        )
+        await self._runner.setup()
+        host = self._host if self._host is not None else server_settings.host
+        port = self._port if self._port is not None else server_settings.port
+        site = web.TCPSite(self._runner, host, port, reuse_port=self._reuse_port or None, backlog=2048)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        log.info(
+            "listening",
+            extra={"fields": {"host": host, "port": self.port, "worker": self._worker_id,
+                              "routes": len(self.table.routes)}},
+        )
+
+    async def reload(self) -> bool:
+        """Load config.toml again and swap the table atomically; False if rejected."""
+        async with self._reload_lock:
+            old = self.table
+            try:
+                new = load_table(self._config_path, self._env, previous=old)
+                await self._start_plugins(new)
+            except ConfigError as exc:
+                log.error("reload rejected, old config kept: %s", exc)
+                return False
+            except Exception:
+                log.exception("reload failed while starting plugins, old config kept")
+                return False
+            self.table = new
+            self.access_log = new.settings.server.access_log
+            log.info("config reloaded", extra={"fields": {"routes": len(new.routes)}})
+            self.spawn(self._retire(old, new))
+            return True
+
+    async def _retire(self, old: RouteTable, new: RouteTable) -> None:
+        """After a swap: let the old table's requests finish, then stop its plugins."""
+        deadline = asyncio.get_running_loop().time() + old.settings.server.shutdown_timeout
+        while old.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self._stop_plugins(old)
+        live = set(map(id, new.pools.values()))
+        for pool in old.pools.values():
+            if id(pool) not in live:
+                await pool.close()
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests (bounded), stop plugins, close pools."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self._stop_plugins(self.table)
+        for pool in self.table.pools.values():
+            await pool.close()
+        if self._ws_session is not None:
+            await self._ws_session.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _start_plugins(self, table: RouteTable) -> None:
+        started = []
+        try:
+            for plugin in table.plugins.values():
+                await plugin.startup(self)
+                started.append(plugin)
+        except BaseException:
+            for plugin in reversed(started):
+                with contextlib.suppress(Exception):
+                    await plugin.shutdown(self)
+            raise
+
+    async def _stop_plugins(self, table: RouteTable) -> None:
+        for plugin in reversed(list(table.plugins.values())):
+            try:
+                await plugin.shutdown(self)
+            except Exception:
+                log.exception("plugin %s failed to shut down", plugin.name)
+
+    # Helpers for the proxy ---------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def ws_session(self) -> aiohttp.ClientSession:
+        if self._ws_session is None or self._ws_session.closed:
+            self._ws_session = aiohttp.ClientSession(auto_decompress=False)
+        return self._ws_session
+
+    def special_handler(self, path: str) -> Handler | None:
+        return self._special.get(path)
+
+    async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+    async def _readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        components = {
+            name: {"ready": ready, "detail": detail}
+            for name, (ready, detail) in sorted(self.readiness.items())
+        }
+        ready = all(ready for ready, _ in self.readiness.values())
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "pid": os.getpid(),
+            "worker": self._worker_id,
+            "routes": len(self.table.routes),
+            "components": components,
+        }
+        return web.Response(
+            status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
+        )

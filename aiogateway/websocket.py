@@ -1,0 +1,158 @@
+"""WebSocket upgrades proxied frame by frame, both ways.
+
+WebSockets are long-lived and rare next to plain requests, so the upstream
+side uses aiohttp's ClientSession.ws_connect (handshake, masking, control
+frames) rather than the lean pool. Pings are answered per hop; data frames
+and the close code pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from . import errors
+from .headers import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .routes import Route
+    from .server import Gateway
+
+__all__ = ["is_websocket_upgrade", "proxy_websocket"]
+
+_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+    b"sec-websocket-extensions",
+    b"sec-websocket-protocol",
+    b"x-request-id",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    upgrade = request.headers.get("Upgrade")
+    return upgrade is not None and upgrade.lower() == "websocket"
+
+
+async def proxy_websocket(
+    gateway: Gateway, exchange: Exchange, route: Route, target: bytes
+) -> web.StreamResponse:
+    request = exchange.request
+    pool = route.upstream
+    drop = _DROP | gateway.table.identity_headers_b | route.chain.strip_headers
+    headers: list[tuple[str, str]] = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in request.raw_headers
+        if k.lower() not in drop
+    ]
+    headers.append(("X-Forwarded-For", exchange.client_ip))
+    headers.append(("X-Forwarded-Proto", request.scheme))
+    if request.host:
+        headers.append(("X-Forwarded-Host", request.host))
+    headers.append(("X-Request-ID", exchange.request_id))
+    headers.extend(exchange.extra_upstream_headers)
+    protocols = [
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    ]
+    base = pool.settings.url.rstrip("/")
+    scheme_base = "ws" + base[4:] if base.startswith("http") else base
+    url = scheme_base.split("/", 3)
+    origin = "/".join(url[:3])
+    settings = pool.settings
+    exchange.upstream_started = asyncio.get_running_loop().time()
+    try:
+        upstream = await gateway.ws_session().ws_connect(
+            origin + target.decode("latin-1") if len(url) < 4 else origin + "/" + url[3] + target.decode("latin-1"),
+            headers=headers,
+            protocols=protocols,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=settings.read_timeout),
+            max_msg_size=0,
+            autoclose=False,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        exchange.error = "websocket_handshake"
+        exchange.status = 502
+        return errors.error_response(
+            502, errors.BAD_GATEWAY, f"upstream refused the WebSocket upgrade ({exc.status})",
+            exchange.request_id,
+        )
+    except (aiohttp.ClientError, OSError):
+        exchange.error = "connect"
+        gateway.telemetry.upstream_error(pool.name, "connect")
+        exchange.status = 502
+        return errors.error_response(
+            502, errors.BAD_GATEWAY, "upstream unreachable", exchange.request_id
+        )
+    except TimeoutError:
+        exchange.error = "timeout"
+        gateway.telemetry.upstream_error(pool.name, "timeout")
+        exchange.status = 504
+        return errors.error_response(
+            504, errors.GATEWAY_TIMEOUT, "upstream timed out", exchange.request_id
+        )
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        max_msg_size=0,
+        autoclose=False,
+    )
+    client.headers["X-Request-ID"] = exchange.request_id
+    await client.prepare(request)
+    exchange.upstream_status = exchange.status = 101
+    try:
+        await _pump_both(exchange, client, upstream)
+    finally:
+        await upstream.close()
+        with contextlib.suppress(Exception):
+            await client.close()
+    return client
+
+
+async def _pump_both(
+    exchange: Exchange, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
+    async def client_to_upstream() -> None:
+        async for msg in client:
+            if msg.type is WSMsgType.TEXT:
+                exchange.bytes_in += len(msg.data)
+                await upstream.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                exchange.bytes_in += len(msg.data)
+                await upstream.send_bytes(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                break
+        await upstream.close(code=client.close_code or 1000)
+
+    async def upstream_to_client() -> None:
+        async for msg in upstream:
+            if msg.type is WSMsgType.TEXT:
+                exchange.bytes_out += len(msg.data)
+                await client.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                exchange.bytes_out += len(msg.data)
+                await client.send_bytes(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                break
+        await client.close(code=upstream.close_code or 1000)
+
+    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # Give the other direction a moment to forward the close frame.
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
