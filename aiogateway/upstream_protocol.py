@@ -1,0 +1,563 @@
+"""One keep-alive HTTP/1.1 connection to an upstream: an asyncio Protocol fed
+into httptools' C response parser, and the streamed response it produces.
+
+The hot path (idle connection -> one write -> head parsed -> body buffered) is
+kept to a handful of Python calls: no per-request timers, no per-chunk tasks,
+only the callbacks httptools needs. :mod:`aiogateway.upstream` owns the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterable
+from typing import Protocol
+
+import httptools
+
+__all__ = [
+    "Connection",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamReset",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+]
+
+# Response flow control: above this many buffered body bytes the socket stops
+# being read, so a slow client holds bounded memory per response.
+HIGH_WATER = 256 * 1024
+
+# Connection states.
+IDLE, BUSY, DONE, CLOSED = 0, 1, 2, 3
+
+
+class UpstreamError(Exception):
+    kind = "error"
+
+
+class UpstreamConnectError(UpstreamError):
+    kind = "connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class UpstreamReset(UpstreamError):
+    kind = "reset"
+
+
+class UpstreamProtocolError(UpstreamError):
+    kind = "protocol"
+
+
+class StaleConnection(UpstreamReset):
+    """A reused keep-alive connection died before any response byte arrived:
+    the upstream closed it while idle (the stale-connection race)."""
+
+    def __init__(self, consumed: bool) -> None:
+        super().__init__("upstream closed a reused keep-alive connection")
+        self.consumed = consumed  # chunks of an async-iterable body were taken
+
+
+class Owner(Protocol):
+    """What a connection needs from its pool."""
+
+    def _put_idle(self, conn: Connection) -> None: ...
+    def _conn_closed(self, conn: Connection, was_idle: bool) -> None: ...
+
+
+class UpstreamResponse:
+    """An upstream response whose head is parsed; the body streams via read()."""
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_done",
+        "_exc",
+        "_released",
+        "_size",
+        "_until_close",
+        "_waiter",
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+    )
+
+    def __init__(  # noqa: PLR0917 - built once per response on the hot path
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[bytes, bytes]],
+        content_length: int | None,
+        chunked: bool,
+        keep_alive: bool,
+        conn: Connection,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self._conn: Connection | None = conn
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._until_close = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._released = False
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received but not yet returned by read()."""
+        return self._size
+
+    async def read(self) -> bytes:
+        """Next body bytes (de-chunked, never decompressed); b"" at the end.
+
+        Raises UpstreamReset on a truncated body, UpstreamTimeout when the
+        upstream is silent for read_timeout; bytes received before either are
+        returned first.
+        """
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._size = 0
+                conn = self._conn
+                if conn is not None and conn._reading_paused:
+                    conn._resume_reading()
+                return data
+            if self._exc is not None:
+                raise self._exc
+            if self._done:
+                return b""
+            conn = self._conn
+            if conn is None:
+                raise UpstreamReset("response already released")
+            waiter = self._waiter = conn._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def release(self) -> None:
+        """Give the connection back (if the body was fully received and the
+        upstream keeps it alive) or close it. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._release(self)
+
+    def close(self) -> None:
+        """Abort: close the connection (the client went away)."""
+        self._released = True
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._abort(UpstreamReset("response closed"))
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "_consumed",
+        "_drain_fut",
+        "_got_bytes",
+        "_head_fut",
+        "_headers",
+        "_idle_since",
+        "_interim",
+        "_is_head",
+        "_keepalive_timeout",
+        "_last",
+        "_loop",
+        "_owner",
+        "_parser",
+        "_read_timeout",
+        "_reading_paused",
+        "_reason",
+        "_resp",
+        "_reusable",
+        "_sender",
+        "_src_wait",
+        "_state",
+        "_timer",
+        "_timer_at",
+        "_transport",
+        "_write_paused",
+        "registered",
+        "served",
+    )
+
+    def __init__(
+        self,
+        owner: Owner,
+        loop: asyncio.AbstractEventLoop,
+        read_timeout: float,
+        keepalive_timeout: float,
+    ) -> None:
+        self._owner = owner
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._state = IDLE
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._last = 0.0
+        self._idle_since = 0.0
+        self._head_fut: asyncio.Future[UpstreamResponse] | None = None
+        self._resp: UpstreamResponse | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._interim = False
+        self._is_head = False
+        self._reusable = True
+        self._got_bytes = False
+        self._consumed = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_fut: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._src_wait = False
+        self.registered = False  # counted by the pool (set once connected)
+        self.served = 0  # requests started on this connection
+
+    # -- request ------------------------------------------------------------
+
+    async def roundtrip(
+        self,
+        head: bytes,
+        is_head: bool,
+        body: AsyncIterable[bytes] | None,
+        chunked: bool,
+        length: int | None,
+    ) -> UpstreamResponse:
+        """Send one request; return once the final response head is parsed."""
+        if self._state == CLOSED:
+            # Closed between being handed out and now: as good as stale.
+            raise StaleConnection(False)
+        self._state = BUSY
+        self.served += 1
+        self._is_head = is_head
+        self._got_bytes = False
+        self._consumed = False
+        loop = self._loop
+        self._last = now = loop.time()
+        deadline = now + self._read_timeout
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(deadline)
+        fut: asyncio.Future[UpstreamResponse] = loop.create_future()
+        self._head_fut = fut
+        assert self._transport is not None
+        self._transport.write(head)
+        if body is not None:
+            self._sender = loop.create_task(self._send_body(body, chunked, length))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._abort(UpstreamReset("request cancelled"))
+            raise
+
+    async def _send_body(
+        self, body: AsyncIterable[bytes], chunked: bool, length: int | None
+    ) -> None:
+        # Runs beside the wait for the head: an upstream may answer (413...)
+        # before the body is sent, which cancels this task.
+        transport = self._transport
+        assert transport is not None
+        loop = self._loop
+        it = aiter(body)
+        sent = 0
+        try:
+            while True:
+                self._src_wait = True  # the client is slow, not the upstream
+                try:
+                    chunk = await anext(it)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self._src_wait = False
+                self._consumed = True
+                if self._state != BUSY:
+                    return
+                if not chunk:
+                    continue  # an empty chunk would end a chunked body
+                n = len(chunk)
+                sent += n
+                if length is not None and sent > length:
+                    raise ValueError(f"request body longer than content_length={length}")
+                if chunked:
+                    transport.write(b"".join((b"%x\r\n" % n, chunk, b"\r\n")))
+                else:
+                    transport.write(chunk)
+                self._last = loop.time()
+                while self._write_paused and self._state == BUSY:
+                    drain = self._drain_fut = loop.create_future()
+                    await drain
+            if length is not None and sent != length:
+                raise ValueError(f"request body shorter than content_length={length}")
+            if chunked and self._state == BUSY:
+                transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # The body source failed (client went away) or mis-sized: the
+            # request cannot complete; the caller sees this very exception.
+            self._abort(exc)
+        finally:
+            # Stopped early (early response, error): finalize the source now
+            # rather than leave an async generator to the garbage collector.
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Small heads must not wait for Nagle + delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state != BUSY:
+            # Bytes nobody asked for: the connection's framing is unknown now.
+            self._reusable = False
+            if self._state == IDLE:
+                self._abort(UpstreamProtocolError("unexpected data on idle connection"))
+            return
+        self._last = self._loop.time()
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reusable = False  # 101: bytes after the head are not HTTP
+        except httptools.HttpParserError as exc:
+            self._abort(UpstreamProtocolError(f"malformed upstream response: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost sorts out the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self._state
+        if state == CLOSED:
+            return
+        resp = self._resp
+        if resp is not None and resp._until_close and not resp._done:
+            resp._done = True  # read-until-close body: EOF is its end
+            resp._wake()
+            state = DONE
+        if state == BUSY and self._head_fut is not None and self.served > 1 and not self._got_bytes:
+            err: UpstreamError = StaleConnection(self._consumed)
+        elif state == BUSY and self._head_fut is not None:
+            err = UpstreamReset("upstream closed the connection before responding")
+        else:
+            err = UpstreamReset("upstream closed the connection mid-body")
+        self._closed(err, state == IDLE)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        headers = self._headers
+        self._headers = []
+        reason = self._reason
+        self._reason = b""
+        fut = self._head_fut
+        if fut is None:  # a second response nobody asked for
+            self._reusable = False
+            return
+        if status < 200 and status != 101:
+            self._interim = True  # 100/102/103: skip, wait for the final head
+            return
+        length: int | None = None
+        chunked = False
+        for name, value in headers:
+            n = len(name)  # cheap pre-filter before lower()
+            if n == 14 and name.lower() == b"content-length":
+                length = int(value)  # llhttp has validated the digits
+            elif n == 17 and name.lower() == b"transfer-encoding":
+                chunked = value.rstrip().lower().endswith(b"chunked")
+        resp = UpstreamResponse(
+            status,
+            reason.decode("latin-1"),
+            headers,
+            length,
+            chunked,
+            parser.should_keep_alive(),
+            self,
+        )
+        self._resp = resp
+        if self._is_head or status == 101:
+            # llhttp cannot be told "HEAD": it would wait for Content-Length
+            # bytes. The head is the whole response; the next one gets a
+            # fresh parser.
+            resp._done = True
+            self._state = DONE
+            self._parser = httptools.HttpResponseParser(self)
+            if status == 101:
+                self._reusable = False
+        elif not chunked and length is None and status not in (204, 304):
+            resp._until_close = True
+        sender = self._sender
+        if sender is not None and not sender.done():
+            # Early response: stop sending; the connection is not reusable.
+            self._reusable = False
+            sender.cancel()
+        self._head_fut = None
+        fut.set_result(resp)
+
+    def on_body(self, body: bytes) -> None:
+        resp = self._resp
+        if resp is None or resp._done:
+            self._reusable = False
+            return
+        resp._chunks.append(body)
+        resp._size += len(body)
+        if resp._size > HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        resp._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        resp = self._resp
+        if resp is None or resp._done:
+            return
+        resp._done = True
+        self._state = DONE
+        resp._wake()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        self._last = self._loop.time()
+        if self._transport is not None and self._state != CLOSED:
+            self._transport.resume_reading()
+
+    def _release(self, resp: UpstreamResponse) -> None:
+        self._resp = None
+        if (
+            self._state == DONE
+            and self._reusable
+            and resp.keep_alive
+            and resp._exc is None
+            and not resp._until_close
+        ):
+            if self._reading_paused:
+                self._resume_reading()
+            self._sender = None
+            self._owner._put_idle(self)
+        else:
+            self._abort(UpstreamReset("connection released mid-response"))
+
+    def go_idle(self, now: float) -> None:
+        self._state = IDLE
+        self._idle_since = now
+        deadline = now + self._keepalive_timeout
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # One lazily re-armed timer per connection serves both the read gap
+        # timeout and the idle keep-alive expiry: activity only stamps _last.
+        self._timer = None
+        state = self._state
+        now = self._loop.time()
+        if state == BUSY:
+            if self._reading_paused or self._src_wait:
+                self._last = now  # waiting on our side, not the upstream's
+            deadline = self._last + self._read_timeout
+            if deadline <= now:
+                self._abort(UpstreamTimeout(f"no data from upstream for {self._read_timeout}s"))
+                return
+            self._arm(deadline)
+        elif state == IDLE:
+            deadline = self._idle_since + self._keepalive_timeout
+            if deadline <= now:
+                self._abort(UpstreamReset("keep-alive expired"))
+                return
+            self._arm(deadline)
+
+    def _abort(self, err: BaseException) -> None:
+        """Close the connection now; whoever waits on it gets ``err``."""
+        state = self._state
+        if state == CLOSED:
+            return
+        if self._transport is not None:
+            self._transport.abort()
+        self._closed(err, state == IDLE)
+
+    def _closed(self, err: BaseException, was_idle: bool) -> None:
+        self._state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        fut = self._head_fut
+        if fut is not None:
+            self._head_fut = None
+            if not fut.done():
+                fut.set_exception(err)
+        resp = self._resp
+        if resp is not None and not resp._done and resp._exc is None:
+            resp._exc = err
+            resp._wake()
+        self._wake_drain()
+        sender = self._sender
+        if sender is not None and not sender.done() and sender is not asyncio.current_task():
+            sender.cancel()
+        if self.registered:
+            self._owner._conn_closed(self, was_idle)
+
+    def _wake_drain(self) -> None:
+        drain = self._drain_fut
+        if drain is not None:
+            self._drain_fut = None
+            if not drain.done():
+                drain.set_result(None)

@@ -1,0 +1,625 @@
+"""UpstreamPool against real loopback servers: aiohttp upstreams for the normal
+cases, raw asyncio servers for the misbehaving ones."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import socket
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+
+import pytest
+from aiohttp import web
+
+from aiogateway.settings import UpstreamSettings
+from aiogateway.upstream import (
+    UpstreamConnectError,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from aiogateway.upstream_protocol import HIGH_WATER
+from tests.support.upstreams import StartUpstream
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    """raw_server(handler) -> "http://127.0.0.1:PORT" served by a bare asyncio server."""
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: RawHandler) -> str:
+        async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            writers.append(w)
+            try:
+                await handler(r, w)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for w in writers:
+        w.close()
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+def make_pool(url: str, **kw: float) -> UpstreamPool:
+    return UpstreamPool("svc", UpstreamSettings(url=url, **kw))
+
+
+async def read_all(resp: UpstreamResponse) -> bytes:
+    out = []
+    while chunk := await resp.read():
+        out.append(chunk)
+    return b"".join(out)
+
+
+async def fetch(
+    pool: UpstreamPool,
+    method: str = "GET",
+    target: bytes = b"/",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    body: AsyncIterable[bytes] | bytes | None = None,
+    content_length: int | None = None,
+) -> tuple[UpstreamResponse, bytes]:
+    resp = await pool.request(method, target, headers, body, content_length)
+    body = await read_all(resp)
+    resp.release()
+    return resp, body
+
+
+async def read_head(r: asyncio.StreamReader) -> bytes:
+    return await r.readuntil(b"\r\n\r\n")
+
+
+# -- normal traffic ---------------------------------------------------------
+
+
+async def test_get_binary_body_exact_and_headers_raw(start_upstream: StartUpstream) -> None:
+    payload = os.urandom(5000)
+    seen: list[web.BaseRequest] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(request)
+        return web.Response(body=payload, headers={"X-Custom": "Va lue"})
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url + "/base/")
+    assert pool.host_header == f"127.0.0.1:{up.port}".encode()
+    resp, body = await fetch(pool, target=b"/a%20b?x=1", headers=[(b"X-Req", b"1")])
+    assert resp.status == 200
+    assert resp.reason == "OK"
+    assert body == payload
+    assert resp.content_length == 5000
+    assert not resp.chunked
+    assert resp.keep_alive
+    assert (b"X-Custom", b"Va lue") in resp.headers
+    req = seen[0]
+    assert req.raw_path == "/base/a%20b?x=1"
+    assert req.headers["Host"] == f"127.0.0.1:{up.port}"
+    assert req.headers["X-Req"] == "1"
+    assert "Content-Length" not in req.headers
+    assert "Transfer-Encoding" not in req.headers
+    await pool.close()
+
+
+async def test_post_bytes_and_gzip_body_not_decompressed(start_upstream: StartUpstream) -> None:
+    compressed = gzip.compress(b"hello " * 1000)
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        got = await request.read()
+        assert request.headers["Content-Length"] == str(len(got))
+        return web.Response(body=compressed + got, headers={"Content-Encoding": "gzip"})
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    sent = os.urandom(3000)
+    resp, body = await fetch(pool, "POST", body=sent)
+    assert body == compressed + sent
+    assert (b"Content-Encoding", b"gzip") in resp.headers
+    # POST without body still says Content-Length: 0; GET says nothing.
+    _, body = await fetch(pool, "POST")
+    assert body == compressed
+    await pool.close()
+
+
+async def test_chunked_request_body_from_async_generator(start_upstream: StartUpstream) -> None:
+    got: list[tuple[str | None, bytes]] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        got.append((request.headers.get("Transfer-Encoding"), await request.read()))
+        return web.Response(text="ok")
+
+    async def gen() -> AsyncIterator[bytes]:
+        for i in range(50):
+            yield bytes([i]) * (i * 100)  # includes an empty chunk (i=0)
+            await asyncio.sleep(0)
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    _, body = await fetch(pool, "PUT", body=gen())
+    assert body == b"ok"
+    assert got[0][0] == "chunked"
+    assert got[0][1] == b"".join(bytes([i]) * (i * 100) for i in range(50))
+    # Known length: streamed with Content-Length, connection reused.
+    _resp, body = await fetch(
+        pool, "PUT", body=gen(), content_length=sum(i * 100 for i in range(50))
+    )
+    assert got[1][0] is None
+    assert len(got[1][1]) == sum(i * 100 for i in range(50))
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+async def test_chunked_response_dechunked(start_upstream: StartUpstream) -> None:
+    parts = [os.urandom(n) for n in (1, 100, 70000, 3)]
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for p in parts:
+            await resp.write(p)
+        await resp.write_eof()
+        return resp
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    for _ in range(3):
+        resp, body = await fetch(pool)
+        assert resp.chunked
+        assert resp.content_length is None
+        assert body == b"".join(parts)
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+async def test_head_204_304_have_no_body_and_reuse(start_upstream: StartUpstream) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/204":
+            return web.Response(status=204)
+        if request.path == "/304":
+            return web.Response(status=304)
+        return web.Response(body=b"x" * 1234)
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    resp, body = await fetch(pool, "HEAD")
+    assert resp.status == 200
+    assert resp.content_length == 1234
+    assert body == b""
+    for path in (b"/204", b"/304", b"/"):
+        resp, body = await fetch(pool, "GET", target=path)
+        assert body == (b"x" * 1234 if path == b"/" else b"")
+    resp, body = await fetch(pool, "HEAD")
+    assert body == b""
+    _, body = await fetch(pool)
+    assert body == b"x" * 1234
+    assert pool.stats() == type(pool.stats())(idle=1, active=0, opened=1, closed=0)
+    await pool.close()
+
+
+async def test_read_until_close_http10(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.0 200 OK\r\nX: y\r\n\r\nfirst ")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"second")
+        await w.drain()
+
+    pool = make_pool(await raw_server(handler))
+    resp, body = await fetch(pool)
+    assert body == b"first second"
+    assert not resp.keep_alive
+    assert pool.stats().active == 0
+    assert pool.stats().closed == 1
+    await pool.close()
+
+
+async def test_interim_100_skipped(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(r)
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await w.drain()
+            w.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi")
+
+    pool = make_pool(await raw_server(handler))
+    for _ in range(2):
+        resp, body = await fetch(pool)
+        assert resp.status == 201
+        assert body == b"hi"
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+async def test_keepalive_reuse_and_expiry(start_upstream: StartUpstream) -> None:
+    up = await start_upstream(lambda r: _ok())
+    pool = make_pool(up.url, keepalive_timeout=0.3)
+    for _ in range(20):
+        await fetch(pool)
+    assert pool.stats().opened == 1
+    assert pool.stats().idle == 1
+    await asyncio.sleep(0.7)
+    assert pool.stats().idle == 0
+    assert pool.stats().closed == 1
+    await fetch(pool)
+    assert pool.stats().opened == 2
+    await pool.close()
+    assert pool.stats().idle == 0
+    assert pool.stats().closed == 2
+
+
+async def _ok() -> web.Response:
+    return web.Response(text="ok")
+
+
+async def test_pool_size_limit_waits(start_upstream: StartUpstream) -> None:
+    in_flight = 0
+    peak = 0
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return web.Response(text="ok")
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url, pool_size=3)
+    results = await asyncio.gather(*(fetch(pool) for _ in range(20)))
+    assert all(body == b"ok" for _, body in results)
+    assert peak <= 3
+    assert pool.stats().opened == 3
+    await pool.close()
+
+
+async def test_full_pool_wait_times_out(start_upstream: StartUpstream) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await asyncio.sleep(1)
+        return web.Response(text="ok")
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url, pool_size=1, connect_timeout=0.2)
+    slow = asyncio.ensure_future(fetch(pool))
+    await asyncio.sleep(0.05)
+    with pytest.raises(UpstreamConnectError, match="no free connection"):
+        await fetch(pool)
+    await slow
+    await pool.close()
+
+
+async def test_crlf_injection_rejected(start_upstream: StartUpstream) -> None:
+    up = await start_upstream(lambda r: _ok())
+    pool = make_pool(up.url)
+    with pytest.raises(ValueError, match="CR or LF"):
+        await pool.request("GET", b"/", [(b"X-User", b"a\r\nX-Admin: 1")], None, None)
+    assert pool.stats().opened == 0
+    await pool.close()
+
+
+# -- failures ---------------------------------------------------------------
+
+
+async def test_connect_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = make_pool(f"http://127.0.0.1:{port}")
+    with pytest.raises(UpstreamConnectError):
+        await fetch(pool)
+    assert pool.stats() == type(pool.stats())(idle=0, active=0, opened=0, closed=0)
+    await pool.close()
+
+
+async def test_never_answering_times_out(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    pool = make_pool(await raw_server(handler), read_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        await fetch(pool)
+    assert 0.25 < time.monotonic() - t0 < 1.0
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_stall_mid_body_times_out(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        for _ in range(3):  # bytes within the gap keep it alive
+            await asyncio.sleep(0.15)
+            w.write(b"x")
+        await asyncio.sleep(10)
+
+    pool = make_pool(await raw_server(handler), read_timeout=0.3)
+    resp = await pool.request("GET", b"/", [], None, None)
+    assert await resp.read() == b"0123456789"
+    got = [await resp.read() for _ in range(3)]
+    assert got == [b"x", b"x", b"x"]
+    with pytest.raises(UpstreamTimeout):
+        await resp.read()
+    resp.release()
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_reset_mid_body(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.transport.abort()
+
+    pool = make_pool(await raw_server(handler))
+    resp = await pool.request("GET", b"/", [], None, None)
+    with pytest.raises(UpstreamReset):
+        await read_all(resp)
+    resp.release()
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_truncated_content_length(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+
+    pool = make_pool(await raw_server(handler))
+    resp = await pool.request("GET", b"/", [], None, None)
+    assert await resp.read() == b"short"
+    with pytest.raises(UpstreamReset):
+        await resp.read()
+    await pool.close()
+
+
+async def test_malformed_response(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc")
+        await asyncio.sleep(1)
+
+    pool = make_pool(await raw_server(handler))
+    with pytest.raises(UpstreamProtocolError):
+        await fetch(pool)
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_idle_connection_closed_by_upstream(start_upstream: StartUpstream) -> None:
+    up = await start_upstream(lambda r: _ok())
+    pool = make_pool(up.url)
+    await fetch(pool)
+    # Upstream restarts its connections: idle one is closed, detected, dropped.
+    await up.runner.server.shutdown(0.1)  # type: ignore[union-attr]
+    await asyncio.sleep(0.05)
+    assert pool.stats().idle == 0
+    assert pool.stats().closed == 1
+    _, body = await fetch(pool)
+    assert body == b"ok"
+    assert pool.stats().opened == 2
+    await pool.close()
+
+
+def _stale_race_server() -> RawHandler:
+    """Answers one request per connection with keep-alive, then closes the
+    connection on the next request without answering (the race an idle
+    timeout on the upstream causes)."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await read_head(r)
+        if b"content-length: 5" in head.lower():
+            await r.readexactly(5)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await read_head(r)
+        w.transport.abort()
+
+    return handler
+
+
+async def test_stale_keepalive_retried_when_replayable(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    pool = make_pool(await raw_server(_stale_race_server()))
+    await fetch(pool)
+    _, body = await fetch(pool)  # GET: retried on a fresh connection
+    assert body == b"ok"
+    assert pool.stats().opened == 2
+    _, body = await fetch(pool, "POST", body=b"12345")  # bytes body: replayable
+    assert body == b"ok"
+    assert pool.stats().opened == 3
+    await pool.close()
+
+
+async def test_stale_keepalive_streamed_post_not_retried(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    pool = make_pool(await raw_server(_stale_race_server()))
+    await fetch(pool)
+    consumed = []
+
+    async def gen() -> AsyncIterator[bytes]:
+        consumed.append(1)
+        yield b"data"
+
+    with pytest.raises(UpstreamReset):
+        await fetch(pool, "POST", body=gen())
+    assert consumed == [1]
+    assert pool.stats().opened == 1
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_early_response_stops_body(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await w.drain()
+        while await r.read(65536):
+            pass
+
+    produced = 0
+    closed = asyncio.Event()
+
+    async def gen() -> AsyncIterator[bytes]:
+        nonlocal produced
+        try:
+            while True:
+                produced += 1
+                yield b"z" * 1000
+                await asyncio.sleep(0.005)
+        finally:
+            closed.set()
+
+    pool = make_pool(await raw_server(handler))
+    resp, body = await fetch(pool, "POST", body=gen())
+    assert resp.status == 413
+    assert body == b"big!"
+    await asyncio.wait_for(closed.wait(), 1)
+    n = produced
+    await asyncio.sleep(0.05)
+    assert produced == n  # no longer consumed
+    assert pool.stats().idle == 0
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_body_source_error_propagates(start_upstream: StartUpstream) -> None:
+    up = await start_upstream(lambda r: _ok())
+    pool = make_pool(up.url)
+
+    async def gen() -> AsyncIterator[bytes]:
+        yield b"a"
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError, match="client went away"):
+        await fetch(pool, "POST", body=gen())
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+async def test_close_mid_body_leaves_nothing_active(start_upstream: StartUpstream) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(100):
+            await resp.write(b"x" * 1000)
+            await asyncio.sleep(0.01)
+        return resp
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    resp = await pool.request("GET", b"/", [], None, None)
+    assert await resp.read()
+    resp.close()
+    resp.release()
+    assert pool.stats().active == 0
+    assert pool.stats().closed == 1
+    # Releasing before the end closes too (never reuses a half-read connection).
+    resp = await pool.request("GET", b"/", [], None, None)
+    resp.release()
+    assert pool.stats().active == 0
+    assert pool.stats().closed == 2
+    await pool.close()
+
+
+async def test_cancelled_request_leaves_nothing_active(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    pool = make_pool(await raw_server(handler))
+    task = asyncio.ensure_future(fetch(pool))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.stats().active == 0
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+# -- large bodies, bounded buffering ----------------------------------------
+
+BIG = 50 * 1024 * 1024
+
+
+async def test_large_upload_has_backpressure(start_upstream: StartUpstream) -> None:
+    produced = received = 0
+    lead = 0
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal received
+        async for chunk in request.content.iter_any():
+            received += len(chunk)
+            await asyncio.sleep(0)
+        return web.Response(text=str(received))
+
+    async def gen() -> AsyncIterator[bytes]:
+        nonlocal produced, lead
+        block = b"u" * 65536
+        while produced < BIG:
+            produced += len(block)
+            lead = max(lead, produced - received)
+            yield block
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    _, body = await fetch(pool, "POST", body=gen())
+    assert int(body) == BIG
+    # Only socket buffers (kernel, transport high-water) sit between the two.
+    assert lead < 16 * 1024 * 1024
+    await pool.close()
+
+
+async def test_large_download_bounded_buffer(start_upstream: StartUpstream) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(BIG)})
+        await resp.prepare(request)
+        block = b"d" * 262144
+        for _ in range(BIG // len(block)):
+            await resp.write(block)
+        return resp
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url)
+    resp = await pool.request("GET", b"/", [], None, None)
+    total = peak = reads = 0
+    while True:
+        peak = max(peak, resp.buffered)
+        chunk = await resp.read()
+        if not chunk:
+            break
+        total += len(chunk)
+        reads += 1
+        if reads % 8 == 0:
+            await asyncio.sleep(0.002)  # a slow client
+    resp.release()
+    assert total == BIG
+    assert peak <= HIGH_WATER + 256 * 1024  # high water + at most one socket read
+    assert pool.stats().idle == 1
+    await pool.close()
