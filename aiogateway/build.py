@@ -111,6 +111,9 @@ class _Builder:
         self._broken_plugins: set[str] = set()
         self._broken_chains: set[str] = set()
 
+    def fail(self, message: str, location: str) -> None:
+        self.errors.append(ConfigError(message, location=location))
+
     # plugins and chains ---------------------------------------------------
 
     def build_plugins(self) -> None:
@@ -136,9 +139,7 @@ class _Builder:
                 self.errors.append(exc)
                 self._broken_plugins.add(name)
             except Exception as exc:  # a plugin's constructor failing is its config's fault
-                self.errors.append(
-                    ConfigError(f"plugin {name!r} failed to load: {exc}", location=where)
-                )
+                self.fail(f"plugin {name!r} failed to load: {exc}", where)
                 self._broken_plugins.add(name)
 
     def build_chains(self) -> None:
@@ -156,12 +157,9 @@ class _Builder:
         seen: dict[str, int] = {}
         for i, member in enumerate(members):
             if member in seen:
-                self.errors.append(
-                    ConfigError(
-                        f"plugin {member!r} is listed twice in this chain "
-                        f"(also at [{seen[member]}])",
-                        location=f"{where}[{i}]",
-                    )
+                self.fail(
+                    f"plugin {member!r} is listed twice in this chain (also at [{seen[member]}])",
+                    f"{where}[{i}]",
                 )
                 ok = False
                 continue
@@ -171,11 +169,8 @@ class _Builder:
                 ok = False
                 if member not in self._broken_plugins:
                     known = ", ".join(self.settings.plugins) or "none"
-                    self.errors.append(
-                        ConfigError(
-                            f"unknown plugin instance {member!r} (known: {known})",
-                            location=f"{where}[{i}]",
-                        )
+                    self.fail(
+                        f"unknown plugin instance {member!r} (known: {known})", f"{where}[{i}]"
                     )
                 continue
             plugins.append(plugin)
@@ -193,9 +188,7 @@ class _Builder:
             chain = self.chains.get(spec)
             if chain is None and spec not in self._broken_chains:
                 known = ", ".join(self.settings.chains) or "none"
-                self.errors.append(
-                    ConfigError(f"unknown chain {spec!r} (known: {known})", location=where)
-                )
+                self.fail(f"unknown chain {spec!r} (known: {known})", where)
             return chain
         return self._chain(inline_name, spec, where)
 
@@ -222,22 +215,15 @@ class _Builder:
             name = rs.name or default_route_name(rs.methods, rs.path, prefix)
             before = len(self.errors)
             if name in names:
-                self.errors.append(
-                    ConfigError(
-                        f"duplicate route name {name!r} (also {names[name]}); names must be unique",
-                        location=label,
-                    )
+                self.fail(
+                    f"duplicate route name {name!r} (also {names[name]}); names must be unique",
+                    label,
                 )
             names.setdefault(name, label)
             pool = pools.get(rs.upstream)
             if pool is None:
                 known = ", ".join(pools) or "none"
-                self.errors.append(
-                    ConfigError(
-                        f"unknown upstream {rs.upstream!r} (known: {known})",
-                        location=f"{label}.upstream",
-                    )
-                )
+                self.fail(f"unknown upstream {rs.upstream!r} (known: {known})", f"{label}.upstream")
             self._check_paths(rs, prefix, label)
             chain = self._resolve(rs.chain, name, f"{label}.chain")
             if pool is None or chain is None or len(self.errors) > before:
@@ -271,9 +257,7 @@ class _Builder:
         except ConfigError as exc:
             self.errors.append(exc)
         except Exception as exc:  # a plugin's check failing badly still names the route
-            self.errors.append(
-                ConfigError(f"plugin {plugin.name!r} rejected the route: {exc}", location=label)
-            )
+            self.fail(f"plugin {plugin.name!r} rejected the route: {exc}", label)
 
     def _check_paths(self, rs: RouteSettings, prefix: str | None, label: str) -> None:
         params: list[str] = []
@@ -282,11 +266,8 @@ class _Builder:
         where = rs.path if rs.path is not None else prefix
         if where in RESERVED_PATHS:
             key = "path" if rs.path is not None else "prefix"
-            self.errors.append(
-                ConfigError(
-                    f"{where} is answered by the gateway itself; routes cannot use it",
-                    location=f"{label}.{key}",
-                )
+            self.fail(
+                f"{where} is answered by the gateway itself; routes cannot use it", f"{label}.{key}"
             )
         if rs.upstream_path is not None:
             self._check_upstream_path(rs.upstream_path, params, f"{label}.upstream_path")
@@ -298,35 +279,29 @@ class _Builder:
                 continue
             m = _PARAM.fullmatch(segment)
             if m is None or not m.group(1).isidentifier():
-                self.errors.append(
-                    ConfigError(
-                        f"bad segment {segment!r}: a {{param}} must be a whole segment "
-                        "named like an identifier, e.g. /v1/org/{org_id}",
-                        location=where,
-                    )
+                self.fail(
+                    f"bad segment {segment!r}: a {{param}} must be a whole segment "
+                    "named like an identifier, e.g. /v1/org/{org_id}",
+                    where,
                 )
             elif m.group(1) in params:
-                self.errors.append(
-                    ConfigError(f"param {{{m.group(1)}}} appears twice", location=where)
-                )
+                self.fail(f"param {{{m.group(1)}}} appears twice", where)
             else:
                 params.append(m.group(1))
         return params
 
     def _check_upstream_path(self, template: str, params: list[str], where: str) -> None:
         if not template.startswith("/"):
-            self.errors.append(ConfigError("must start with '/'", location=where))
+            self.fail("must start with '/'", where)
         if "{" in _PARAM.sub("", template) or "}" in _PARAM.sub("", template):
-            self.errors.append(ConfigError(f"unbalanced braces in {template!r}", location=where))
+            self.fail(f"unbalanced braces in {template!r}", where)
         for used in _PARAM.findall(template):
             if used not in params:
                 have = ", ".join(f"{{{p}}}" for p in params) or "none (it has no {params})"
-                self.errors.append(
-                    ConfigError(
-                        f"uses {{{used}}}, which is not a param of the route's path; "
-                        f"the route's params: {have}",
-                        location=where,
-                    )
+                self.fail(
+                    f"uses {{{used}}}, which is not a param of the route's path; "
+                    f"the route's params: {have}",
+                    where,
                 )
 
     def build_endpoints(self, routes: Sequence[Route]) -> dict[str, tuple[Endpoint, Chain]]:
@@ -350,7 +325,7 @@ class _Builder:
                         f"(routes[{other.index}]) of the same path"
                     )
                 if problem is not None:
-                    self.errors.append(ConfigError(problem, location=where))
+                    self.fail(problem, where)
                     continue
                 chain = self._resolve(ep.chain, f"{name} {ep.path}", where)
                 if chain is not None:
