@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiogateway.errors import ConfigError
 from aiogateway.interpolate import ConfigErrors, interpolate, join_location
@@ -53,6 +55,12 @@ def test_keys_are_not_interpolated() -> None:
 def test_escape_gives_literal() -> None:
     out = interpolate({"x": "$${A}", "y": "cost $$5 $${B:-c}"}, {"A": "a"})
     assert out == {"x": "${A}", "y": "cost $$5 ${B:-c}"}
+
+
+@given(st.text(alphabet="${}:-_AB x", max_size=30))
+def test_escaping_every_dollar_brace_round_trips(text: str) -> None:
+    escaped = text.replace("${", "$${")
+    assert interpolate({"k": escaped}, {"A": "a", "B": "b"}) == {"k": text}
 
 
 def test_value_stays_a_string() -> None:
