@@ -67,9 +67,10 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
     ) -> RunningUpstream:
         runner: web.BaseRunner
         if isinstance(target, web.Application):
-            runner = web.AppRunner(target, access_log=None)
+            runner = web.AppRunner(target, access_log=None, auto_decompress=False)
         else:
-            runner = web.ServerRunner(web.Server(target), access_log=None)
+            # auto_decompress off: tests assert on the bytes that really arrived.
+            runner = web.ServerRunner(web.Server(target, auto_decompress=False), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
