@@ -34,7 +34,8 @@ from pydantic import Field, field_validator, model_validator
 
 from aiogateway.plugin import Endpoint, GatewayApp, Plugin, PluginConfig
 
-from .metrics_registry import DEFAULT_BUCKETS, MetricFamilies, families_for, valid_buckets
+from .metrics_registry import MetricFamilies, families_for
+from .metrics_series import DEFAULT_BUCKETS, valid_buckets
 
 if TYPE_CHECKING:
     from aiogateway.exchange import Exchange
@@ -158,7 +159,7 @@ class Metrics(Plugin[MetricsConfig]):
     async def on_request(self, exchange: Exchange) -> web.StreamResponse | None:
         families = self._families
         if families is not None:
-            families.in_flight.inc()
+            families.in_flight += 1
             # Remember which store was raised: on_complete lowers exactly that one,
             # and only when on_request ran (not for unmatched or earlier-rejected ones).
             exchange.state[self._flight_key] = families
@@ -167,7 +168,7 @@ class Metrics(Plugin[MetricsConfig]):
     async def on_complete(self, exchange: Exchange) -> None:
         raised: MetricFamilies | None = exchange.state.pop(self._flight_key, None)
         if raised is not None:
-            raised.in_flight.dec()
+            raised.in_flight -= 1
         families = self._families
         if families is not None:
             families.complete(exchange)
@@ -180,6 +181,7 @@ class Metrics(Plugin[MetricsConfig]):
         if families is None:
             return web.Response(status=503, text="metrics not started\n")
         accept = request.headers.get("Accept", "")
+        families.flush()  # on the loop: pending numbers are only touched here
         # Off the event loop: rendering many series (and, with workers, reading every
         # worker's files) would otherwise stall the proxied requests for that long.
         body, content_type = await asyncio.to_thread(
