@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import load_settings
+    from .config import load_table
 
     if args.worker_id is not None:
         from .runner import run_gateway
@@ -53,7 +53,10 @@ def _serve(args: argparse.Namespace) -> int:
             reuse_port=args.reuse_port,
         )
     try:
-        settings = load_settings(args.config)
+        # The whole table, not only the settings: plugin types, chains and
+        # upstream references must be checked before a supervisor starts
+        # workers that would each fail on them and be restarted forever.
+        settings = load_table(args.config).settings
     except ConfigError as exc:
         print(f"aiogateway: {exc}", file=sys.stderr)
         return 2
