@@ -113,8 +113,8 @@ def upstream_request_headers(
     if host:
         out.append((b"X-Forwarded-Host", host))
     out.append((b"X-Request-ID", request_id.encode()))
-    for name, value in extra:
-        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    for extra_name, extra_value in extra:
+        out.append((extra_name.encode("latin-1"), extra_value.encode("latin-1")))
     return out
 
 

@@ -94,7 +94,10 @@ class ProxyHandler:
             if isinstance(match, frozenset):
                 allow = ", ".join(sorted(match))
                 return self._error(
-                    exchange, 405, errors.METHOD_NOT_ALLOWED, "method not allowed",
+                    exchange,
+                    405,
+                    errors.METHOD_NOT_ALLOWED,
+                    "method not allowed",
                     {"Allow": allow},
                 )
             route, exchange.params = match
@@ -136,7 +139,9 @@ class ProxyHandler:
         exchange.status = status
         return errors.error_response(status, code, message, exchange.request_id, headers)
 
-    async def _endpoint(self, exchange: Exchange, endpoint: object, chain: Chain) -> web.StreamResponse:
+    async def _endpoint(
+        self, exchange: Exchange, endpoint: object, chain: Chain
+    ) -> web.StreamResponse:
         from .plugin import Endpoint
 
         assert isinstance(endpoint, Endpoint)
@@ -160,7 +165,9 @@ class ProxyHandler:
         )
         return response
 
-    async def _proxy(self, exchange: Exchange, route: Route, table: RouteTable) -> web.StreamResponse:
+    async def _proxy(
+        self, exchange: Exchange, route: Route, table: RouteTable
+    ) -> web.StreamResponse:
         request = exchange.request
         limit = route.max_body_bytes
         length = request.content_length
@@ -175,11 +182,15 @@ class ProxyHandler:
             if rejection is not None:
                 return self._rejected(exchange, rejection)
         if route.websocket and is_websocket_upgrade(request):
-            return await proxy_websocket(self.gateway, exchange, route, self._upstream_target(exchange, route))
+            return await proxy_websocket(
+                self.gateway, exchange, route, self._upstream_target(exchange, route)
+            )
 
         drop = table.request_drop.get(chain)
         if drop is None:
-            drop = table.request_drop[chain] = REQUEST_DROP | table.identity_headers_b | chain.strip_headers
+            drop = table.request_drop[chain] = (
+                REQUEST_DROP | table.identity_headers_b | chain.strip_headers
+            )
         headers = upstream_request_headers(
             request.raw_headers,
             drop,
@@ -223,15 +234,24 @@ class ProxyHandler:
         exchange.error = exchange.error or "client_abort"
         return self._error(exchange, 400, errors.BAD_REQUEST, "request body not received")
 
-    def _upstream_failed(self, exchange: Exchange, upstream: str, exc: UpstreamError) -> web.StreamResponse:
+    def _upstream_failed(
+        self, exchange: Exchange, upstream: str, exc: UpstreamError
+    ) -> web.StreamResponse:
         if exchange.error in ("body_too_large", "client_abort"):
             # The pool saw our body iterator fail; that is the real cause.
-            return self._body_failed(exchange, exchange.route.max_body_bytes if exchange.route else 0)
+            return self._body_failed(
+                exchange, exchange.route.max_body_bytes if exchange.route else 0
+            )
         kind = exc.kind
         exchange.error = kind
         self.telemetry.upstream_error(upstream, kind)
         status = _STATUS_FOR_UPSTREAM_ERROR.get(kind, 502)
-        return self._error(exchange, status, _CODE_FOR_STATUS[status], _MESSAGE_FOR_KIND.get(kind, "upstream error"))
+        return self._error(
+            exchange,
+            status,
+            _CODE_FOR_STATUS[status],
+            _MESSAGE_FOR_KIND.get(kind, "upstream error"),
+        )
 
     def _upstream_target(self, exchange: Exchange, route: Route) -> bytes:
         path = exchange.path
@@ -268,9 +288,13 @@ class ProxyHandler:
         """Stream the upstream's response to the client with backpressure."""
         exchange.upstream_headers_at = time.perf_counter()
         exchange.upstream_status = exchange.status = upstream.status
-        exchange.response_headers = headers = response_headers(upstream.headers, exchange.request_id)
+        exchange.response_headers = headers = response_headers(
+            upstream.headers, exchange.request_id
+        )
         # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).
-        response = ProxyResponse(status=upstream.status, reason=upstream.reason, _real_headers=headers)
+        response = ProxyResponse(
+            status=upstream.status, reason=upstream.reason, _real_headers=headers
+        )
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         route = exchange.route

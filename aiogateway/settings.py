@@ -133,7 +133,7 @@ class RouteSettings(ConfigModel):
 
 
 class GatewaySettings(ConfigModel):
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     # Plugin tables are validated by each plugin's own Config after `type` is resolved.
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)

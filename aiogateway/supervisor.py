@@ -51,13 +51,25 @@ class _Supervisor:
 
     def start_worker(self, worker_id: int) -> None:
         cmd = [
-            sys.executable, "-m", "aiogateway", "serve",
-            "--config", str(self.config),
-            "--host", self.host, "--port", str(self.port),
-            "--worker-id", str(worker_id), "--reuse-port",
+            sys.executable,
+            "-m",
+            "aiogateway",
+            "serve",
+            "--config",
+            str(self.config),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--worker-id",
+            str(worker_id),
+            "--reuse-port",
         ]
         self.procs[worker_id] = subprocess.Popen(cmd, env=self.env)
-        log.info("worker started", extra={"fields": {"worker": worker_id, "pid": self.procs[worker_id].pid}})
+        log.info(
+            "worker started",
+            extra={"fields": {"worker": worker_id, "pid": self.procs[worker_id].pid}},
+        )
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -91,7 +103,10 @@ class _Supervisor:
                 code = proc.poll()
                 if code is None or self.stopping:
                     continue
-                log.error("worker exited", extra={"fields": {"worker": worker_id, "pid": proc.pid, "code": code}})
+                log.error(
+                    "worker exited",
+                    extra={"fields": {"worker": worker_id, "pid": proc.pid, "code": code}},
+                )
                 self._mark_dead(proc.pid)
                 # Back off a worker that keeps dying (bad config after a reload, say).
                 if time.monotonic() - restarts.get(worker_id, 0.0) < 1.0:
@@ -119,7 +134,7 @@ class _Supervisor:
             try:
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(pid, self.env[MULTIPROC_ENV])
+                multiprocess.mark_process_dead(pid, self.env[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
             except Exception:
                 log.exception("could not clean metrics of worker pid %s", pid)
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 from . import errors
 from .headers import HOP_BY_HOP
@@ -64,15 +65,13 @@ async def proxy_websocket(
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]
-    base = pool.settings.url.rstrip("/")
-    scheme_base = "ws" + base[4:] if base.startswith("http") else base
-    url = scheme_base.split("/", 3)
-    origin = "/".join(url[:3])
+    url = URL(pool.settings.url)
+    ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+    target_url = f"{ws_url.origin()}{url.raw_path.rstrip('/')}{target.decode('latin-1')}"
     settings = pool.settings
-    exchange.upstream_started = asyncio.get_running_loop().time()
     try:
         upstream = await gateway.ws_session().ws_connect(
-            origin + target.decode("latin-1") if len(url) < 4 else origin + "/" + url[3] + target.decode("latin-1"),
+            target_url,
             headers=headers,
             protocols=protocols,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=settings.read_timeout),
@@ -83,7 +82,9 @@ async def proxy_websocket(
         exchange.error = "websocket_handshake"
         exchange.status = 502
         return errors.error_response(
-            502, errors.BAD_GATEWAY, f"upstream refused the WebSocket upgrade ({exc.status})",
+            502,
+            errors.BAD_GATEWAY,
+            f"upstream refused the WebSocket upgrade ({exc.status})",
             exchange.request_id,
         )
     except (aiohttp.ClientError, OSError):
@@ -144,9 +145,12 @@ async def _pump_both(
                 break
         await client.close(code=upstream.close_code or 1000)
 
-    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    tasks = [
+        asyncio.ensure_future(client_to_upstream()),
+        asyncio.ensure_future(upstream_to_client()),
+    ]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # Give the other direction a moment to forward the close frame.
         if pending:
             await asyncio.wait(pending, timeout=1.0)

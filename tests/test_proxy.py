@@ -61,9 +61,10 @@ async def test_gzip_body_is_not_decompressed(
 
     up = await start_upstream(handler)
     gw = await start_gateway(config(up.url))
-    async with aiohttp.ClientSession(auto_decompress=False) as s, s.post(
-        f"{gw.url}/v1/z", data=compressed, headers={"Content-Encoding": "gzip"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as s,
+        s.post(f"{gw.url}/v1/z", data=compressed, headers={"Content-Encoding": "gzip"}) as r,
+    ):
         assert r.headers["Content-Encoding"] == "gzip"
         assert await r.read() == compressed
     assert seen == [compressed]
@@ -95,9 +96,10 @@ async def test_path_query_and_method_forwarded(
 async def test_normalised_path_reaches_upstream(
     gw: RunningGateway, recording_upstream: RecordingUpstream
 ) -> None:
-    async with aiohttp.ClientSession() as s, s.get(
-        f"{gw.url}/v1//x/../%79", skip_auto_headers=(), allow_redirects=False
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gw.url}/v1//x/../%79", skip_auto_headers=(), allow_redirects=False) as r,
+    ):
         assert r.status == 200
     assert recording_upstream.last.path == "/v1/y"
 
@@ -117,7 +119,14 @@ async def test_hop_by_hop_request_headers_dropped(
     async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/v1/h", headers=headers) as r:
         assert r.status == 200
     rec = recording_upstream.last
-    for name in ("Connection", "X-Secret-Hop", "Keep-Alive", "TE", "Proxy-Authorization", "Trailer"):
+    for name in (
+        "Connection",
+        "X-Secret-Hop",
+        "Keep-Alive",
+        "TE",
+        "Proxy-Authorization",
+        "Trailer",
+    ):
         assert rec.header(name) is None, name
     assert rec.header("X-End-To-End") == "kept"
 
@@ -128,8 +137,13 @@ async def test_hop_by_hop_response_headers_dropped(
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(
             text="ok",
-            headers={"Connection": "X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=1",
-                     "X-Kept": "yes", "Proxy-Authenticate": "Basic"},
+            headers={
+                "Connection": "X-Hop",
+                "X-Hop": "1",
+                "Keep-Alive": "timeout=1",
+                "X-Kept": "yes",
+                "Proxy-Authenticate": "Basic",
+            },
         )
 
     up = await start_upstream(handler)
@@ -141,10 +155,17 @@ async def test_hop_by_hop_response_headers_dropped(
 
 
 async def test_forwarded_headers(gw: RunningGateway, recording_upstream: RecordingUpstream) -> None:
-    async with aiohttp.ClientSession() as s, s.get(
-        f"{gw.url}/v1/f",
-        headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "evil", "Host": "api.example"},
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"{gw.url}/v1/f",
+            headers={
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Forwarded-Proto": "evil",
+                "Host": "api.example",
+            },
+        ) as r,
+    ):
         assert r.status == 200
     rec = recording_upstream.last
     assert rec.header("X-Forwarded-For") == "203.0.113.9, 127.0.0.1"
@@ -168,7 +189,9 @@ async def test_request_id_kept_generated_and_replaced(
             assert r.headers["X-Request-ID"] != "x" * 129
 
 
-async def test_404_and_405_are_json(start_gateway: StartGateway, recording_upstream: RecordingUpstream) -> None:
+async def test_404_and_405_are_json(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
     gw = await start_gateway(f"""
 [upstreams.svc]
 url = "{recording_upstream.url}"
@@ -294,7 +317,10 @@ upstream = "svc"
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{gw.url}/api/billing/invoices/9?a=b") as r:
             assert r.status == 200
-        assert (recording_upstream.last.path, recording_upstream.last.query) == ("/invoices/9", "a=b")
+        assert (recording_upstream.last.path, recording_upstream.last.query) == (
+            "/invoices/9",
+            "a=b",
+        )
         async with s.get(f"{gw.url}/api/billing") as r:
             assert r.status == 200
         assert recording_upstream.last.path == "/"

@@ -137,9 +137,22 @@ async def gateway_process(tmp_path: Path) -> AsyncIterator[StartGatewayProcess]:
         )
         with log_path.open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "aiogateway", "serve", "--config", str(path),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-                env=full_env, cwd=tmp_path, stdout=log, stderr=log,
+                sys.executable,
+                "-m",
+                "aiogateway",
+                "serve",
+                "--config",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                env=full_env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=log,
             )
         gp = GatewayProcess(proc, f"http://127.0.0.1:{port}", port, path, log_path)
         procs.append(gp)

@@ -111,7 +111,9 @@ async def recording_upstream(start_upstream: StartUpstream) -> RecordingUpstream
             "headers": dict(rec.headers),
             "body_len": len(body),
         }
-        return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+        return web.Response(
+            status=status, body=orjson.dumps(payload), content_type="application/json"
+        )
 
     running = await start_upstream(handler)
     return RecordingUpstream(
