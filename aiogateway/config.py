@@ -91,7 +91,7 @@ def load_table(
 ) -> RouteTable:
     """:func:`load_settings` then :func:`aiogateway.build.build_table`."""
     # Imported here: build.py uses this module's error helpers (import cycle).
-    from .build import build_table  # noqa: PLC0415
+    from .build import build_table
 
     return build_table(load_settings(path, env), str(path), previous)
 

@@ -89,6 +89,7 @@ class GatewayApp(Protocol):
     def state_dir(self) -> Path:
         """A writable directory for this gateway's local state (spools)."""
         ...
+
     @property
     def worker_id(self) -> int:
         """0..workers-1; 0 when running a single process."""
