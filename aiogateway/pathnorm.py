@@ -79,25 +79,30 @@ def _decode(raw: str) -> str:
         raise BadPath("the request path is not valid UTF-8") from None
     if b"%" in data:
         first, *rest = data.split(b"%")
-        out = [first]
+        out = bytearray(first)
+        hexbyte = _HEXBYTE
         for chunk in rest:
-            byte = _HEXBYTE.get(chunk[:2])
+            byte = hexbyte.get(chunk[:2])
             if byte is None:
                 raise BadPath(f"malformed percent-escape %{chunk[:2].decode('latin-1')}")
-            out.append(byte)
-            out.append(chunk[2:])
-        data = b"".join(out)
+            out += byte
+            out += chunk[2:]
+        data = bytes(out)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadPath("the request path is not valid UTF-8") from None
-    if _CONTROL(text) is not None:
+    # isprintable() is a quick pass for nearly every path; it is stricter than
+    # "no Cc" (it also fails on e.g. U+00A0), so only its failures are rechecked.
+    if not text.isprintable() and _CONTROL(text) is not None:
         raise BadPath("the request path contains a control character")
     return text
 
 
 def _resolve(text: str) -> str:
     """Resolve dot segments and merge slashes in decoded ``text``."""
+    if text[:1] == "/" and "//" not in text and "/." not in text:
+        return text
     segments = text.split("/")
     out: list[str] = []
     for seg in segments:

@@ -75,9 +75,6 @@ class _Slot:
             for method in route.methods:
                 self.by_method[method] = target
 
-    def get(self, method: str) -> _Target | None:
-        return self.by_method.get(method) or self.any
-
 
 class _Node:
     """One level of the param-path trie."""
@@ -90,30 +87,38 @@ class _Node:
         self.slot: _Slot | None = None  # templates ending here
 
 
-def _find(
-    node: _Node, segments: list[str], i: int, method: str, misses: list[_Slot]
-) -> _Target | None:
-    """Depth-first, static child before param child; the first target allowing
-    ``method`` wins. Slots that matched the path but not the method go to
-    ``misses`` (for the 405's Allow)."""
-    if i == len(segments):
-        slot = node.slot
-        if slot is None:
+def _find(root: _Node, segments: list[str], method: str, misses: list[_Slot]) -> _Target | None:
+    """Depth-first over the trie, a static child before the param child; the
+    first target allowing ``method`` wins. Slots that matched the path but not
+    the method go to ``misses`` (for the 405's Allow)."""
+    end = len(segments)
+    node = root
+    i = 0
+    pending: list[tuple[_Node, int]] = []  # param branches not taken yet
+    while True:
+        if i == end:
+            slot = node.slot
+            if slot is not None:
+                target = slot.by_method.get(method) or slot.any
+                if target is not None:
+                    return target
+                misses.append(slot)
+        else:
+            segment = segments[i]
+            i += 1
+            child = node.static.get(segment)
+            param = node.param if segment else None  # a param is never empty
+            if child is not None:
+                if param is not None:
+                    pending.append((param, i))
+                node = child
+                continue
+            if param is not None:
+                node = param
+                continue
+        if not pending:
             return None
-        target = slot.get(method)
-        if target is None:
-            misses.append(slot)
-        return target
-    segment = segments[i]
-    child = node.static.get(segment)
-    if child is not None:
-        found = _find(child, segments, i + 1, method, misses)
-        if found is not None:
-            return found
-    child = node.param
-    if child is not None and segment:
-        return _find(child, segments, i + 1, method, misses)
-    return None
+        node, i = pending.pop()
 
 
 class Router:
@@ -142,8 +147,8 @@ class Router:
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self._static: dict[str, _Slot] = {}
-        self._prefixes: dict[str, _Slot] = {}
-        self._trie: _Node | None = None
+        self._trie: _Node | None = None  # {param} paths
+        self._prefixes: _Node | None = None  # prefixes, static segments only
         for route in routes:
             self._add(route)
 
@@ -157,7 +162,14 @@ class Router:
                     f"prefix {route.prefix!r} cannot hold {{params}}; use 'path'",
                     location=f"routes[{route.index}].prefix",
                 )
-            self._prefixes.setdefault(prefix, _Slot()).add(_Target(route, ()))
+            if self._prefixes is None:
+                self._prefixes = _Node()
+            node = self._prefixes
+            for segment in prefix[1:].split("/") if prefix != "/" else ():
+                node = node.static.setdefault(segment, _Node())
+            if node.slot is None:
+                node.slot = _Slot()
+            node.slot.add(_Target(route, ()))
             return
         if route.path is None:
             raise ConfigError("a route needs 'path' or 'prefix'", location=f"routes[{route.index}]")
@@ -207,45 +219,51 @@ class Router:
         the core answers 405 with ``Allow``) when routes match the path but
         none allows ``method``; or None (404) when no route matches the path.
         """
-        misses: list[_Slot] = []
         slot = self._static.get(path)
         if slot is not None:
-            target = slot.get(method)
+            target = slot.by_method.get(method) or slot.any
             if target is not None:
                 return Match(target.route, {})
-            misses.append(slot)
-        if self._trie is not None:
+            misses = [slot]
+        else:
+            misses = []
+        if self._trie is not None or self._prefixes is not None:
             segments = path[1:].split("/")
-            target = _find(self._trie, segments, 0, method, misses)
-            if target is not None:
-                return target.match(segments)
-        if self._prefixes:
-            target = self._match_prefix(method, path, misses)
-            if target is not None:
-                return Match(target.route, {})
+            if self._trie is not None:
+                target = _find(self._trie, segments, method, misses)
+                if target is not None:
+                    return target.match(segments)
+            if self._prefixes is not None:
+                target = _find_prefix(self._prefixes, segments, method, misses)
+                if target is not None:
+                    return Match(target.route, {})
         if misses:
             return frozenset(m for slot in misses for m in slot.methods)
         return None
 
-    def _match_prefix(self, method: str, path: str, misses: list[_Slot]) -> _Target | None:
-        prefixes = self._prefixes
-        # Candidates: the path without its trailing slash, then each ancestor.
-        end = len(path) - 1 if path.endswith("/") else len(path)
-        while end > 0:
-            slot = prefixes.get(path[:end])
-            if slot is not None:
-                target = slot.get(method)
-                if target is not None:
-                    return target
-                misses.append(slot)
-            end = path.rfind("/", 0, end)
-        slot = prefixes.get("/")
-        if slot is not None:
-            target = slot.get(method)
-            if target is not None:
-                return target
-            misses.append(slot)
-        return None
+
+def _find_prefix(
+    root: _Node, segments: list[str], method: str, misses: list[_Slot]
+) -> _Target | None:
+    """The longest prefix allowing ``method``: walk down the path's segments
+    (stopping where no prefix continues), then try the prefixes seen, longest
+    first. A trailing slash's empty segment never matches a child, so ``/a/``
+    is under prefix ``/a`` like ``/a/b`` is."""
+    seen = [root.slot] if root.slot is not None else []
+    node = root
+    for segment in segments:
+        child = node.static.get(segment)
+        if child is None:
+            break
+        node = child
+        if node.slot is not None:
+            seen.append(node.slot)
+    for slot in reversed(seen):
+        target = slot.by_method.get(method) or slot.any
+        if target is not None:
+            return target
+        misses.append(slot)
+    return None
 
 
 def _normal(route: Route, written: str, key: str) -> str:
