@@ -39,10 +39,24 @@ log = logging.getLogger("aiogateway.plugins.jwt")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers a forward target must never overwrite (routing, framing, credentials, tracing).
 _RESERVED = frozenset(
-    {"authorization", "host", "content-length", "transfer-encoding", "connection", "cookie",
-     "te", "trailer", "upgrade", "keep-alive", "x-request-id", "x-forwarded-for",
-     "x-forwarded-proto", "x-forwarded-host", "proxy-authorization"}
-)  # fmt: skip
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "cookie",
+        "te",
+        "trailer",
+        "upgrade",
+        "keep-alive",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "proxy-authorization",
+    }
+)
 
 
 class JwtCheckConfig(PluginConfig):
@@ -84,8 +98,15 @@ class JwtCheckConfig(PluginConfig):
         if hmac_algs and len(hmac_algs) != len(algs):
             # SECURITY: the key-confusion setup (an HS token "signed" with the public key).
             raise ValueError("algorithms: HS* cannot be mixed with asymmetric algorithms")
-        sources = [n for n, v in (("secret", self.secret), ("public_key_file(s)", self.pem_files),
-                                  ("jwks_url", self.jwks_url)) if v]  # fmt: skip
+        sources = [
+            n
+            for n, v in (
+                ("secret", self.secret),
+                ("public_key_file(s)", self.pem_files),
+                ("jwks_url", self.jwks_url),
+            )
+            if v
+        ]
         if len(sources) != 1:
             raise ValueError(
                 "exactly one key source is required: secret, public_key_file(s) or jwks_url"
@@ -97,8 +118,10 @@ class JwtCheckConfig(PluginConfig):
             raw = self.secret.get_secret_value().encode()
             need = max(HMAC_MIN_BYTES[a] for a in hmac_algs)
             if len(raw) < need:
-                raise ValueError(f"secret: at least {need} bytes required for {hmac_algs} "
-                                 f"(RFC 7518 §3.2), got {len(raw)}")  # fmt: skip
+                raise ValueError(
+                    f"secret: at least {need} bytes required for {hmac_algs} "
+                    f"(RFC 7518 §3.2), got {len(raw)}"
+                )
             if b"-----BEGIN" in raw:
                 raise ValueError("secret: looks like a PEM key; use public_key_file")
         elif hmac_algs:
@@ -189,15 +212,19 @@ class JwtCheck(Plugin[JwtCheckConfig]):
         request = exchange.request
         if len(request.headers.getall("Authorization", ())) > 1:
             # SECURITY: which one would the upstream believe? Refuse the ambiguity.
-            return self._reject(exchange, Rejection("several Authorization headers",
-                                                    "duplicate header", 400))  # fmt: skip
+            return self._reject(
+                exchange, Rejection("several Authorization headers", "duplicate header", 400)
+            )
         token = self._token(request)
         if not token:
             # RFC 6750 §3.1: no credentials at all -> a bare challenge, no error code.
             return errors.error_response(
-                401, errors.UNAUTHORIZED, "bearer token required", exchange.request_id,
+                401,
+                errors.UNAUTHORIZED,
+                "bearer token required",
+                exchange.request_id,
                 {"WWW-Authenticate": self._challenge},
-            )  # fmt: skip
+            )
         result = await self.verifier.verify(token)
         if isinstance(result, Rejection):
             return self._reject(exchange, result)
@@ -221,6 +248,9 @@ class JwtCheck(Plugin[JwtCheckConfig]):
         )
         api_code = errors.BAD_REQUEST if rejection.status == 400 else errors.UNAUTHORIZED
         return errors.error_response(
-            rejection.status, api_code, rejection.description, exchange.request_id,
+            rejection.status,
+            api_code,
+            rejection.description,
+            exchange.request_id,
             {"WWW-Authenticate": challenge},
-        )  # fmt: skip
+        )
