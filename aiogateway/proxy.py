@@ -26,6 +26,7 @@ from .websocket import is_websocket_upgrade, proxy_websocket
 
 if TYPE_CHECKING:
     from .chain import Chain
+    from .plugin import Endpoint
     from .routes import Route, RouteTable
     from .server import Gateway
 
@@ -140,11 +141,8 @@ class ProxyHandler:
         return errors.error_response(status, code, message, exchange.request_id, headers)
 
     async def _endpoint(
-        self, exchange: Exchange, endpoint: object, chain: Chain
+        self, exchange: Exchange, endpoint: Endpoint, chain: Chain
     ) -> web.StreamResponse:
-        from .plugin import Endpoint
-
-        assert isinstance(endpoint, Endpoint)
         if exchange.method not in endpoint.methods:
             allow = ", ".join(sorted(endpoint.methods))
             return self._error(

@@ -18,6 +18,7 @@ from .config import load_table
 from .errors import ConfigError
 from .proxy import ProxyHandler
 from .routes import RouteTable
+from .settings import GatewaySettings
 from .telemetry import Telemetry
 
 __all__ = ["Gateway"]
@@ -62,7 +63,7 @@ class Gateway:
     # GatewayApp --------------------------------------------------------------
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> GatewaySettings:
         return self.table.settings
 
     @property
@@ -149,10 +150,8 @@ class Gateway:
         while old.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await self._stop_plugins(old)
-        live = set(map(id, new.pools.values()))
-        for pool in old.pools.values():
-            if id(pool) not in live:
-                await pool.close()
+        for pool in new.retired_pools:
+            await pool.close()
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests (bounded), stop plugins, close pools."""
