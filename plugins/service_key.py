@@ -100,11 +100,11 @@ class ServiceKeyConfig(PluginConfig):
         if not entries:
             raise ValueError("at least one key is required (keys, key_names or keys_file)")
         owner: dict[str, str | None] = {}
-        for n, (name, key) in enumerate(entries, 1):
-            _check_key(key, f"key {n}" + (f" of {name!r}" if name else ""))
-            if key in owner and owner[key] != name:
+        for n, (who, key) in enumerate(entries, 1):
+            _check_key(key, f"key {n}" + (f" of {who!r}" if who else ""))
+            if key in owner and owner[key] != who:
                 raise ValueError(f"key {n}: the same key is given to two different callers")
-            owner[key] = name
+            owner[key] = who
         return self
 
 

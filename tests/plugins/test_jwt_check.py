@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from tests.support.gateway import RunningGateway, StartGateway
@@ -21,45 +20,20 @@ from tests.support.tokens import (
     IdentityRecorder,
     JwksServer,
     KeyPair,
+    assert_rejected,
+    call,
     claims,
     ec_pair,
     ed_pair,
     forge,
     forge_hs,
+    gateway_config,
     rsa_pair,
     sign,
 )
 from tests.support.upstreams import RecordingUpstream
 
 SECRET = "s3cret-for-tests-0123456789abcdefghij"  # >= 32 bytes (RFC 7518 §3.2)
-FORWARD = '{ sub = "X-User-Id", org_id = "X-Org-Id", role = "X-User-Role" }'
-
-
-def gateway_config(upstream: str, jwt_table: str, server: str = "") -> str:
-    return f"""
-{server}
-[upstreams.svc]
-url = "{upstream}"
-
-[plugins.jwt]
-type = "jwt-check"
-forward = {FORWARD}
-{jwt_table}
-
-[plugins.recorder]
-type = "tests.support.tokens:IdentityRecorder"
-
-[[routes]]
-name = "protected"
-path = "/p"
-upstream = "svc"
-chain = ["jwt", "recorder"]
-
-[[routes]]
-name = "open"
-path = "/open"
-upstream = "svc"
-"""
 
 
 HS_TABLE = f'algorithms = ["HS256"]\nsecret = "{SECRET}"\nissuer = "auth-service"'
@@ -76,40 +50,6 @@ async def jwks() -> AsyncIterator[JwksServer]:
     server = await JwksServer().start()
     yield server
     await server.stop()
-
-
-class Answer:
-    def __init__(self, status: int, headers: Any, body: dict[str, Any]) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-
-async def call(
-    client: aiohttp.ClientSession,
-    gw: RunningGateway,
-    token: str | None = None,
-    *,
-    path: str = "/p",
-    headers: dict[str, str] | list[tuple[str, str]] | None = None,
-) -> Answer:
-    hdrs: list[tuple[str, str]] = list(
-        headers.items() if isinstance(headers, dict) else headers or []
-    )
-    if token is not None:
-        hdrs.append(("Authorization", f"Bearer {token}"))
-    async with client.get(gw.url + path, headers=hdrs) as resp:
-        raw = await resp.read()
-        body = orjson.loads(raw) if resp.content_type == "application/json" else {"raw": raw}
-        return Answer(resp.status, resp.headers, body)
-
-
-def assert_rejected(ans: Answer, upstream: RecordingUpstream, description: str) -> None:
-    assert ans.status == 401, ans.body
-    assert ans.body["error"] == "unauthorized"
-    assert ans.body["message"] == description
-    assert ans.headers["WWW-Authenticate"] == (
-        f'Bearer realm="aiogateway", error="invalid_token", error_description="{description}"'
-    )
-    assert upstream.requests == []
 
 
 async def hs_gateway(

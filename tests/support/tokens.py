@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import aiohttp
 import orjson
 from aiohttp import web
 from joserfc import jwt as jose_jwt
@@ -24,17 +25,23 @@ from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 
 from aiogateway.exchange import Exchange
 from aiogateway.plugin import Plugin, PluginConfig
+from tests.support.gateway import RunningGateway
+from tests.support.upstreams import RecordingUpstream
 
 __all__ = [
+    "Answer",
     "IdentityRecorder",
     "JwksServer",
     "KeyPair",
+    "assert_rejected",
     "b64url",
+    "call",
     "claims",
     "ec_pair",
     "ed_pair",
     "forge",
     "forge_hs",
+    "gateway_config",
     "rsa_pair",
     "sign",
 ]
@@ -141,10 +148,10 @@ class JwksServer:
         self.hits += 1
         return web.Response(body=orjson.dumps({"keys": self.keys}), content_type="application/json")
 
-    async def start(self) -> JwksServer:
+    async def start(self, port: int = 0) -> JwksServer:
         self._runner = web.ServerRunner(web.Server(self._handle), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
@@ -172,3 +179,69 @@ class IdentityRecorder(Plugin[PluginConfig]):
             "principal": exchange.principal,
         }
         return None
+
+
+FORWARD = '{ sub = "X-User-Id", org_id = "X-Org-Id", role = "X-User-Role" }'
+
+
+def gateway_config(upstream: str, jwt_table: str, server: str = "") -> str:
+    return f"""
+{server}
+[upstreams.svc]
+url = "{upstream}"
+
+[plugins.jwt]
+type = "jwt-check"
+forward = {FORWARD}
+{jwt_table}
+
+[plugins.recorder]
+type = "tests.support.tokens:IdentityRecorder"
+
+[[routes]]
+name = "protected"
+path = "/p"
+upstream = "svc"
+chain = ["jwt", "recorder"]
+
+[[routes]]
+name = "open"
+path = "/open"
+upstream = "svc"
+"""
+
+
+class Answer:
+    """A gateway answer: status, headers, JSON body (or {"raw": bytes})."""
+
+    def __init__(self, status: int, headers: Any, body: dict[str, Any]) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+
+async def call(
+    client: aiohttp.ClientSession,
+    gw: RunningGateway,
+    token: str | None = None,
+    *,
+    path: str = "/p",
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+) -> Answer:
+    hdrs: list[tuple[str, str]] = list(
+        headers.items() if isinstance(headers, dict) else headers or []
+    )
+    if token is not None:
+        hdrs.append(("Authorization", f"Bearer {token}"))
+    async with client.get(gw.url + path, headers=hdrs) as resp:
+        raw = await resp.read()
+        body = orjson.loads(raw) if resp.content_type == "application/json" else {"raw": raw}
+        return Answer(resp.status, resp.headers, body)
+
+
+def assert_rejected(ans: Answer, upstream: RecordingUpstream, description: str) -> None:
+    assert ans.status == 401, ans.body
+    assert ans.body["error"] == "unauthorized"
+    assert ans.body["message"] == description
+    assert ans.headers["WWW-Authenticate"] == (
+        f'Bearer realm="aiogateway", error="invalid_token", error_description="{description}"'
+    )
+    assert upstream.requests == []
