@@ -7,6 +7,7 @@ the upstream.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
+from aiogateway.errors import ConfigError
+from plugins.jwt_check import JwtCheck, JwtCheckConfig
+from plugins.jwt_verify import Rejection, TokenVerifier, Verified
 from tests.support.gateway import RunningGateway, StartGateway
 from tests.support.tokens import (
     IdentityRecorder,
@@ -404,3 +409,123 @@ async def test_claim_with_newline_is_not_forwarded(
     up = recording_upstream.last
     assert up.header("X-User-Role") is None
     assert up.header("X-Injected") is None
+
+
+# --- config: checked whole at load ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"algorithms": ["none"], "secret": SECRET}, "'none' is never accepted"),
+        ({"algorithms": ["HS256", "None"], "secret": SECRET}, "'none' is never accepted"),
+        ({"algorithms": ["HS256", "RS256"], "secret": SECRET}, "cannot be mixed"),
+        ({"algorithms": ["RS256"], "secret": SECRET}, "secret needs HS"),
+        ({"algorithms": ["HS256"], "jwks_url": "http://x/jwks"}, "HS\\* algorithms need"),
+        ({"algorithms": ["HS256"]}, "exactly one key source"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "jwks_url": "http://x"}, "got secret and"),
+        ({"algorithms": ["HS256"], "secret": "short"}, "at least 32 bytes"),
+        ({"algorithms": ["HS512"], "secret": SECRET}, "at least 64 bytes"),
+        ({"algorithms": ["RS256"], "jwks_url": "ftp://x"}, "http:// or https://"),
+        ({"algorithms": ["XS256"], "secret": SECRET}, "unknown 'XS256'"),
+        ({"algorithms": [], "secret": SECRET}, "at least 1 item"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "forward": {"sub": "Authorization"}},
+         "not a usable header"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "forward": {"a": "X-A", "b": "x-a"}},
+         "not a usable header"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "forward": {"a": "Bad Header"}},
+         "not a usable header"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "realm": 'a"b'}, "realm"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "leeway": -1}, "greater than or equal"),
+        ({"algorithms": ["HS256"], "secret": SECRET, "unknown": 1}, "Extra inputs"),
+    ],
+)  # fmt: skip
+def test_config_rejected_at_load(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        JwtCheckConfig.model_validate(table)
+
+
+def test_config_public_key_must_fit_algorithms(tmp_path: Path) -> None:
+    pem = tmp_path / "ec.pem"
+    pem.write_bytes(ec_pair().public_pem)
+    with pytest.raises(ValidationError, match="fits none of"):
+        JwtCheckConfig.model_validate({"algorithms": ["RS256"], "public_key_file": str(pem)})
+    ok = JwtCheckConfig.model_validate({"algorithms": ["ES256"], "public_key_files": [str(pem)]})
+    assert ok.pem_files == [str(pem)]
+
+
+def test_config_secret_is_not_shown() -> None:
+    cfg = JwtCheckConfig.model_validate({"algorithms": ["HS256"], "secret": SECRET})
+    assert SECRET not in repr(cfg)
+    assert SECRET not in str(cfg.model_dump())
+
+
+async def test_bad_config_refused_by_gateway(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
+    text = gateway_config(recording_upstream.url, 'algorithms = ["none"]\nsecret = "x"')
+    with pytest.raises(ConfigError, match=r"plugins\.jwt"):
+        await start_gateway(text)
+
+
+# --- the verification cache -------------------------------------------------------------
+
+
+def verifier(**extra: Any) -> TokenVerifier:
+    cfg = JwtCheckConfig.model_validate({"algorithms": ["HS256"], "secret": SECRET, **extra})
+    return JwtCheck("jwt", cfg).verifier
+
+
+async def test_cache_hit_skips_verification() -> None:
+    v = verifier()
+    token = sign(claims(), SECRET)
+    first = await v.verify(token)
+    assert isinstance(first, Verified)
+    assert v.cached(token) is first
+    assert await v.verify(token) is first  # the same object: no decode happened
+
+
+async def test_cache_entry_never_outlives_exp() -> None:
+    v = verifier(leeway=0)
+    exp = int(time.time()) + 1
+    token = sign(claims(exp=exp), SECRET)
+    assert isinstance(await v.verify(token), Verified)
+    await asyncio.sleep(exp - time.time() + 0.05)
+    assert v.cached(token) is None
+    result = await v.verify(token)
+    assert isinstance(result, Rejection)
+    assert result.description == "token expired"
+
+
+async def test_cache_is_bounded_lru() -> None:
+    v = verifier(cache_size=2)
+    tokens = [sign(claims(sub=f"u{i}"), SECRET) for i in range(3)]
+    for t in tokens[:2]:
+        await v.verify(t)
+    assert v.cached(tokens[0]) is not None  # touch: tokens[1] is now the oldest
+    await v.verify(tokens[2])
+    assert v.cached(tokens[1]) is None
+    assert v.cached(tokens[0]) is not None
+    assert v.cached(tokens[2]) is not None
+
+
+async def test_cache_disabled_and_failures_never_cached() -> None:
+    v = verifier(cache_size=0)
+    token = sign(claims(), SECRET)
+    assert isinstance(await v.verify(token), Verified)
+    assert v.cached(token) is None
+    bad = sign(claims(), SECRET[::-1])
+    w = verifier()
+    assert isinstance(await w.verify(bad), Rejection)
+    assert w.cached(bad) is None
+
+
+async def test_cached_claims_not_mutated_through_exchange(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream, client: Any
+) -> None:
+    gw = await hs_gateway(start_gateway, recording_upstream)
+    token = sign(claims(iss="auth-service"), SECRET)
+    ids = [(await call(client, gw, token)).headers["X-Request-ID"] for _ in range(2)]
+    first, second = (IdentityRecorder.seen[i]["claims"] for i in ids)
+    assert first == second
+    assert first is not second
