@@ -1,0 +1,3 @@
+DROP INDEX audit_log_route_occurred_at_idx;
+DROP INDEX audit_log_user_id_occurred_at_idx;
+DROP INDEX audit_log_occurred_at_idx;
