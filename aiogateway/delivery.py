@@ -68,6 +68,7 @@ class DeliveryQueue:
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         segment_bytes: int | None = None,
+        adopt_interval: float = 2.0,
         on_outcome: Callable[[str, int], None] | None = None,
     ) -> None:
         if max_queue < 1 or batch_size < 1:
@@ -84,6 +85,9 @@ class DeliveryQueue:
         self._flush_interval = flush_interval
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        # How often the worker looks for orphaned segments, e.g. left by the instance
+        # a config reload replaced while the sink was down (startup alone misses those).
+        self._adopt_interval = adopt_interval
         if segment_bytes is None:
             segment_bytes = min(64 << 20, max(1 << 20, spool_max_bytes // 8))
         self._spool = Spool(spool_dir, max_bytes=spool_max_bytes, segment_bytes=segment_bytes)
@@ -104,6 +108,7 @@ class DeliveryQueue:
         self._dropped_unlogged = 0
         self._reported_depth = -1
         self._last_sync = 0.0
+        self._last_adopt = 0.0
 
     # Public state ---------------------------------------------------------------
 
@@ -133,12 +138,17 @@ class DeliveryQueue:
 
     async def start(self) -> None:
         """Adopt orphaned spool segments (replayed before new records) and start the worker."""
-        adopted = await asyncio.to_thread(self._spool.adopt)
-        if adopted:
-            log.info("%s: replaying %d spooled records", self.name, adopted)
-            self._spooling = True
+        await self._adopt()
         self._worker = asyncio.create_task(self._run(), name=f"delivery:{self.name}")
         self._report_depth()
+
+    async def _adopt(self) -> None:
+        self._last_adopt = time.monotonic()
+        found = await asyncio.to_thread(self._spool.find_orphans, self._spool.names())
+        adopted = self._spool.add(found)
+        if adopted:
+            log.info("%s: replaying %d spooled records", self.name, adopted)
+            self._spooling = True  # they go before anything put from now on
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 (the shared interface)
         """Deliver what is in memory within ``timeout``; spool (fsync'd) whatever is left."""
@@ -314,6 +324,8 @@ class DeliveryQueue:
             fds = self._spool.dirty_fds()
             if fds:
                 await asyncio.to_thread(self._spool.fsync, fds)
+        if now - self._last_adopt >= self._adopt_interval and not self._closing:
+            await self._adopt()
         self._flush_counters()
         self._report_depth()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import struct
@@ -44,6 +45,7 @@ _LEN = struct.Struct(">I")
 _ACK = struct.Struct(">Q")
 _READ_CHUNK = 1 << 20
 _WRITE_THRESHOLD = 64 << 10  # buffered bytes that trigger an os.write from append()
+_SEQ = itertools.count(1)  # per process: two spools in one process never pick one name
 
 
 class _Segment:
@@ -101,7 +103,6 @@ class Spool:
         self._records = 0
         self._dirty: set[int] = set()
         self._dir_dirty = False
-        self._seq = 0
         directory.mkdir(parents=True, exist_ok=True)
 
     # State --------------------------------------------------------------------
@@ -122,24 +123,47 @@ class Spool:
 
     def adopt(self) -> int:
         """Take over every segment in the directory no live process holds; return its records."""
-        adopted = 0
+        return self.add(self.find_orphans(self.names()))
+
+    def names(self) -> set[str]:
+        """File names of the segments this spool holds."""
+        return {seg.path.name for seg in self._segments}
+
+    def find_orphans(self, known: set[str]) -> list[_Segment]:
+        """Open and lock segments nobody holds; blocking I/O that touches no state of
+        this spool, so it may run in a thread. Hand the result to :meth:`add`.
+        """
+        stale = time.time() - 60
         for tmp in sorted(self.directory.glob("*.seg.tmp")):
-            # A crash between create and rename leaves an empty, unlocked .tmp.
-            self._remove_if_unlocked(tmp)
+            # A crash between create and rename leaves an empty .tmp; a young one
+            # may be a segment being born (open, then flock) in another task or process.
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < stale:
+                    self._remove_if_unlocked(tmp)
+        found: list[_Segment] = []
         for path in sorted(self.directory.glob("*.seg")):
+            if path.name in known:
+                continue
             seg = self._open_orphan(path)
             if seg is None:
                 continue
-            if seg.records == 0:
-                self._unlink(seg)
+            if seg.records == 0:  # all delivered: only the file was left
+                with contextlib.suppress(FileNotFoundError):
+                    seg.path.unlink()
+                os.close(seg.fd)
                 continue
-            self._segments.append(seg)
+            found.append(seg)
+        return found
+
+    def add(self, found: list[_Segment]) -> int:
+        """Merge adopted segments into the FIFO by key (oldest first); return their records."""
+        if not found:
+            return 0
+        for seg in found:
             self._bytes += seg.end - seg.ack
             self._records += seg.records
-            adopted += seg.records
-        # Our own segments sort after the adopted ones, whatever their owners' clocks said.
-        self._segments = deque(sorted(self._segments, key=lambda s: (s.key, s.path.name)))
-        return adopted
+        self._segments = deque(sorted([*self._segments, *found], key=lambda s: s.path.name))
+        return sum(seg.records for seg in found)
 
     def _remove_if_unlocked(self, path: Path) -> None:
         try:
@@ -246,8 +270,7 @@ class Spool:
         self._dirty.add(tail.fd)
 
     def _new_segment(self, key: int) -> _Segment:
-        self._seq += 1
-        name = f"{key:020d}-{os.getpid()}-{self._seq}.seg"
+        name = f"{key:020d}-{os.getpid()}-{next(_SEQ)}.seg"
         tmp = self.directory / (name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:

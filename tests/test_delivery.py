@@ -323,6 +323,24 @@ async def test_a_live_owners_segments_are_not_adopted(tmp_path: Path) -> None:
     assert sink_c.received == records(0, 100)
 
 
+async def test_a_running_queue_adopts_what_a_replaced_one_left(tmp_path: Path) -> None:
+    # A config reload: the new instance runs while the old one closes with a spool.
+    sink_old = FlakySink()
+    sink_old.fail = True
+    old, _ = make_queue(tmp_path, sink_old)
+    await old.start()
+    sink_new = FlakySink()
+    new, _ = make_queue(tmp_path, sink_new, adopt_interval=0.05)
+    await new.start()
+    for r in records(0, 100):
+        old.put(r)
+    await old.close(1)
+    await until(lambda: len(sink_new.received) == 100)
+    await new.close(5)
+    assert sink_new.received == records(0, 100)
+    assert segments(tmp_path) == []
+
+
 async def test_spool_cap_drops_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sink = FlakySink()
     sink.fail = True
