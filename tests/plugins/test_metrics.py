@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from aiogateway.exchange import Exchange
 from aiogateway.plugin import GatewayApp, Plugin, PluginConfig
 from aiogateway.telemetry import Telemetry
 from tests.support.gateway import (
-    RunningGateway,
     StartGateway,
     StartGatewayProcess,
     free_port,
@@ -298,7 +297,10 @@ async def test_rejections_counted_by_plugin_and_in_flight_balanced(
     text = config(recording_upstream.url, extra=extra, chain='["metrics", "deny"]')
     # A second route whose rejecting plugin runs before metrics: metrics' on_request
     # never runs there, so on_complete must not lower the in-flight gauge.
-    text += '\n[[routes]]\nname = "early"\npath = "/early"\nupstream = "svc"\nchain = ["deny", "metrics"]\n'
+    text += (
+        '\n[[routes]]\nname = "early"\npath = "/early"\nupstream = "svc"\n'
+        'chain = ["deny", "metrics"]\n'
+    )
     gw = await start_gateway(text)
     async with aiohttp.ClientSession() as s:
         for _ in range(4):
