@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 from .settings import UpstreamSettings
 from .upstream_protocol import (
     CLOSED,
-    IDLE,
     Connection,
     StaleConnection,
     UpstreamConnectError,
@@ -123,14 +122,15 @@ class UpstreamPool:
         stream: AsyncIterable[bytes] | None = None
         chunked = False
         payload = b""
-        if isinstance(body, bytes | bytearray | memoryview):
+        if body is None:
+            if content_length:
+                raise ValueError("content_length given without a body")
+        elif isinstance(body, bytes | bytearray | memoryview):
             payload = bytes(body)
             content_length = len(payload)
-        elif body is not None:
+        else:
             stream = body
             chunked = content_length is None
-        elif content_length:
-            raise ValueError("content_length given without a body")
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
             lines += 1
@@ -154,21 +154,27 @@ class UpstreamPool:
                 stream = _once(payload)  # big: no copy into the head
         is_head = method == "HEAD"
 
-        conn = await self._acquire(False)
-        try:
-            return await conn.roundtrip(head, is_head, stream, chunked, content_length)
-        except StaleConnection as exc:
-            # The upstream closed an idle connection as we reused it; the
-            # request never reached it. Replay unless body chunks were taken.
-            if exc.consumed and not isinstance(stream, _once):
-                raise UpstreamReset(str(exc)) from None
-        if isinstance(stream, _once):
-            stream = _once(payload)
-        conn = await self._acquire(True)
-        try:
-            return await conn.roundtrip(head, is_head, stream, chunked, content_length)
-        except StaleConnection as exc:
-            raise UpstreamReset(str(exc)) from None
+        fresh = False
+        while True:
+            idle = self._idle
+            if idle and not fresh:
+                conn = idle.pop()  # LIFO: the warmest connection, least likely stale
+            else:
+                conn = await self._acquire(fresh)
+            try:
+                return await conn.send(head, is_head, stream, chunked, content_length)
+            except StaleConnection as exc:
+                # The upstream closed an idle connection as we reused it; the
+                # request never reached it. Replay once, on a fresh connection,
+                # unless chunks of a streamed body were already taken.
+                if fresh or (exc.consumed and not isinstance(stream, _once)):
+                    raise UpstreamReset(str(exc)) from None
+                if isinstance(stream, _once):
+                    stream = _once(payload)
+                fresh = True
+            except asyncio.CancelledError:
+                conn._abort(UpstreamReset("request cancelled"))
+                raise
 
     def stats(self) -> PoolStats:
         idle = len(self._idle)
@@ -191,7 +197,7 @@ class UpstreamPool:
     async def _acquire(self, fresh: bool) -> Connection:
         idle = self._idle
         if idle and not (fresh and self._slots < self.settings.pool_size):
-            return idle.pop()  # LIFO: the warmest connection, least likely stale
+            return idle.pop()
         if self._slots < self.settings.pool_size:
             self._slots += 1
             return await self._connect()
@@ -268,15 +274,15 @@ class UpstreamPool:
         if self._closing or self.settings.keepalive_timeout <= 0:
             conn._abort(UpstreamReset("not kept alive"))
             return
+        # Idle since the upstream sent its last byte (no clock read needed):
+        # that is when the upstream's own keep-alive timer started too.
+        conn.go_idle(conn._last)
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                conn._state = IDLE  # owned by the waiter now
-                waiter.set_result(conn)
+                waiter.set_result(conn)  # handed over, not listed as idle
                 return
-        assert self._loop is not None
-        conn.go_idle(self._loop.time())
         self._idle.append(conn)
 
     def _conn_closed(self, conn: Connection, was_idle: bool) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 
@@ -90,7 +90,7 @@ class UpstreamResponse:
         "status",
     )
 
-    def __init__(  # noqa: PLR0917 - built once per response on the hot path
+    def __init__(
         self,
         status: int,
         reason: str,
@@ -243,15 +243,19 @@ class Connection(asyncio.Protocol):
 
     # -- request ------------------------------------------------------------
 
-    async def roundtrip(
+    def send(
         self,
         head: bytes,
         is_head: bool,
         body: AsyncIterable[bytes] | None,
         chunked: bool,
         length: int | None,
-    ) -> UpstreamResponse:
-        """Send one request; return once the final response head is parsed."""
+    ) -> asyncio.Future[UpstreamResponse]:
+        """Send one request; the future resolves to the final response head.
+
+        Not a coroutine: the pool awaits the future itself, one frame less on
+        the hot path. The awaiting caller must _abort() on cancellation.
+        """
         if self._state == CLOSED:
             # Closed between being handed out and now: as good as stale.
             raise StaleConnection(False)
@@ -271,11 +275,7 @@ class Connection(asyncio.Protocol):
         self._transport.write(head)
         if body is not None:
             self._sender = loop.create_task(self._send_body(body, chunked, length))
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            self._abort(UpstreamReset("request cancelled"))
-            raise
+        return fut
 
     async def _send_body(
         self, body: AsyncIterable[bytes], chunked: bool, length: int | None
@@ -313,6 +313,13 @@ class Connection(asyncio.Protocol):
                 while self._write_paused and self._state == BUSY:
                     drain = self._drain_fut = loop.create_future()
                     await drain
+                if self._state != BUSY:
+                    return
+                if sent == length:
+                    # All promised bytes are out: do not wait for the source
+                    # to say so, or a prompt response would find us "still
+                    # sending" and the connection would not be reused.
+                    break
             if length is not None and sent != length:
                 raise ValueError(f"request body shorter than content_length={length}")
             if chunked and self._state == BUSY:
@@ -334,8 +341,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small heads must not wait for Nagle + delayed ACK.
@@ -454,7 +461,8 @@ class Connection(asyncio.Protocol):
             self._reading_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
-        resp._wake()
+        if resp._waiter is not None:
+            resp._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -465,7 +473,8 @@ class Connection(asyncio.Protocol):
             return
         resp._done = True
         self._state = DONE
-        resp._wake()
+        if resp._waiter is not None:
+            resp._wake()
 
     # -- lifecycle ----------------------------------------------------------
 

@@ -623,3 +623,79 @@ async def test_large_download_bounded_buffer(start_upstream: StartUpstream) -> N
     assert peak <= HIGH_WATER + 256 * 1024  # high water + at most one socket read
     assert pool.stats().idle == 1
     await pool.close()
+
+
+# -- uvloop: its transports are not asyncio.Transport subclasses -------------
+
+
+def test_core_paths_under_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if request.path == "/chunked":
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(body)
+            await resp.write(b"-end")
+            await resp.write_eof()
+            return resp
+        return web.Response(body=body or b"empty")
+
+    async def stall(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await asyncio.sleep(0.5)
+        w.close()
+
+    async def gen() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"g" * 10000
+
+    async def scenario() -> None:
+        runner = web.ServerRunner(web.Server(handler), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        raw = await asyncio.start_server(stall, "127.0.0.1", 0)
+        raw_port = raw.sockets[0].getsockname()[1]
+        try:
+            pool = make_pool(f"http://127.0.0.1:{port}")
+            for _ in range(5):
+                _, body = await fetch(pool)
+                assert body == b"empty"
+            _, body = await fetch(pool, "POST", body=b"bytes!")
+            assert body == b"bytes!"
+            resp, body = await fetch(pool, "POST", target=b"/chunked", body=gen())
+            assert resp.chunked
+            assert body == b"g" * 1_000_000 + b"-end"
+            resp, body = await fetch(pool, "HEAD")
+            assert body == b""
+            assert pool.stats().opened == 1
+            resp = await pool.request("POST", b"/", [], b"x" * 1_000_000, None)
+            assert await resp.read()
+            resp.close()
+            assert pool.stats().active == 0
+            await pool.close()
+
+            stalled = make_pool(f"http://127.0.0.1:{raw_port}", read_timeout=0.2)
+            resp = await stalled.request("GET", b"/", [], None, None)
+            assert await resp.read() == b"abc"
+            with pytest.raises(UpstreamTimeout):
+                await resp.read()
+            resp.release()
+            reset = make_pool(f"http://127.0.0.1:{raw_port}", read_timeout=5)
+            resp = await reset.request("GET", b"/", [], None, None)
+            assert await resp.read() == b"abc"
+            with pytest.raises(UpstreamReset):
+                await resp.read()
+            resp.release()
+            assert stalled.stats().active == reset.stats().active == 0
+        finally:
+            raw.close()
+            await raw.wait_closed()
+            await runner.cleanup()
+
+    uvloop.run(scenario())
