@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,12 @@ __all__ = ["Gateway"]
 log = logging.getLogger("aiogateway.server")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+# The table whose plugins are running startup/shutdown (inherited by the tasks
+# they create): lets set_ready() know which table's plugin reports a component.
+_reporting_table: contextvars.ContextVar[RouteTable | None] = contextvars.ContextVar(
+    "aiogateway_reporting_table", default=None
+)
 
 
 class Gateway:
@@ -51,6 +59,9 @@ class Gateway:
         self._reuse_port = reuse_port
         self.telemetry = Telemetry()
         self.readiness: dict[str, tuple[bool, str]] = {}
+        # Component -> the table whose plugin reported it; tables replaced by a reload.
+        self._ready_owner: dict[str, RouteTable] = {}
+        self._retired: weakref.WeakSet[RouteTable] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: web.ServerRunner | None = None
         self._ws_session: aiohttp.ClientSession | None = None
@@ -81,7 +92,20 @@ class Gateway:
         return self._worker_id
 
     def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
+        table = _reporting_table.get()
+        if table is not None:
+            if table in self._retired:
+                return  # a replaced table's plugins no longer speak for this gateway
+            self._ready_owner[component] = table
         self.readiness[component] = (ready, detail)
+
+    def _forget_components(self, table: RouteTable) -> None:
+        """Drop what ``table``'s plugins reported (they are gone): /readyz must not stay 503."""
+        self._retired.add(table)
+        for component, owner in list(self._ready_owner.items()):
+            if owner is table:
+                del self._ready_owner[component]
+                self.readiness.pop(component, None)
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -128,16 +152,21 @@ class Gateway:
         """Load config.toml again and swap the table atomically; False if rejected."""
         async with self._reload_lock:
             old = self.table
+            readiness = dict(self.readiness), dict(self._ready_owner)
             try:
                 new = load_table(self._config_path, self._env, previous=old)
-                await self._start_plugins(new)
             except ConfigError as exc:
                 log.error("reload rejected, old config kept: %s", exc)
                 return False
+            try:
+                await self._start_plugins(new)
             except Exception:
                 log.exception("reload failed while starting plugins, old config kept")
+                self._retired.add(new)
+                self.readiness, self._ready_owner = readiness
                 return False
             self.table = new
+            self._forget_components(old)
             self.access_log = new.settings.server.access_log
             log.info("config reloaded", extra={"fields": {"routes": len(new.routes)}})
             self.spawn(self._retire(old, new))
@@ -170,6 +199,13 @@ class Gateway:
                 await task
 
     async def _start_plugins(self, table: RouteTable) -> None:
+        token = _reporting_table.set(table)
+        try:
+            await self._start_each(table)
+        finally:
+            _reporting_table.reset(token)
+
+    async def _start_each(self, table: RouteTable) -> None:
         started = []
         try:
             for plugin in table.plugins.values():
@@ -182,11 +218,15 @@ class Gateway:
             raise
 
     async def _stop_plugins(self, table: RouteTable) -> None:
-        for plugin in reversed(list(table.plugins.values())):
-            try:
-                await plugin.shutdown(self)
-            except Exception:
-                log.exception("plugin %s failed to shut down", plugin.name)
+        token = _reporting_table.set(table)
+        try:
+            for plugin in reversed(list(table.plugins.values())):
+                try:
+                    await plugin.shutdown(self)
+                except Exception:
+                    log.exception("plugin %s failed to shut down", plugin.name)
+        finally:
+            _reporting_table.reset(token)
 
     # Helpers for the proxy ---------------------------------------------------
 
