@@ -148,7 +148,11 @@ class DeliveryQueue:
         adopted = self._spool.add(found)
         if adopted:
             log.info("%s: replaying %d spooled records", self.name, adopted)
-            self._spooling = True  # they go before anything put from now on
+            # They are older than anything this queue holds in memory (put before
+            # start, or during a reload's overlap): those go behind them.
+            self._spooling = True
+            while self._mem:
+                self.put(self._mem.popleft())
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 (the shared interface)
         """Deliver what is in memory within ``timeout``; spool (fsync'd) whatever is left."""

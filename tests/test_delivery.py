@@ -237,13 +237,14 @@ async def test_close_spools_what_cannot_be_delivered_and_restart_replays(tmp_pat
 
     sink2 = FlakySink()
     q2, outcomes2 = make_queue(tmp_path, sink2)
+    q2.put(b"new-0")  # put before start: still after the replay
     await q2.start()
-    assert q2.depth == 200
+    assert q2.depth == 201
     q2.put(b"new-1")  # after the replay, never before it
-    await until(lambda: len(sink2.received) == 201)
+    await until(lambda: len(sink2.received) == 202)
     await q2.close(5)
-    assert sink2.received == [*records(0, 200), b"new-1"]
-    assert outcomes2["delivered"] == 201
+    assert sink2.received == [*records(0, 200), b"new-0", b"new-1"]
+    assert outcomes2["delivered"] == 202
     assert segments(tmp_path) == []
 
 
