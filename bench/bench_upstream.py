@@ -102,9 +102,11 @@ async def _bench(port: int, seconds: float) -> list[tuple[str, int, float, float
 
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-            h = {k.decode(): v.decode() for k, v in headers}
+            hdrs = {k.decode(): v.decode() for k, v in headers}
 
-            async def via_aiohttp(session: aiohttp.ClientSession = session) -> None:
+            async def via_aiohttp(
+                session: aiohttp.ClientSession = session, h: dict[str, str] = hdrs
+            ) -> None:
                 async with session.get(url + "/item?id=1", headers=h) as r:
                     await r.read()
 
