@@ -4,8 +4,9 @@ Built once per config load; ``match`` is on every request's path, so it never
 scans the routes. Fully static paths (the common case) are one dict lookup and
 one per-method lookup. Paths with ``{param}`` segments live in a segment trie
 walked depth-first, a static segment before ``{param}`` at each level, with
-backtracking. Prefix routes are found by looking up the request path's
-ancestors, longest first. No part of the cost grows with the number of routes.
+backtracking; prefixes live in a second trie of static segments. Every step is
+a dict lookup keyed by the request's own segment, so the cost follows the
+path's depth, never the number of routes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class _Target:
         self.params = params  # (segment index, param name) pairs
 
     def match(self, segments: list[str]) -> Match:
-        return Match(self.route, {name: segments[i] for i, name in self.params})
+        params: dict[str, str] = {}  # a loop: cheaper than a comprehension on 3.11
+        for i, name in self.params:
+            params[name] = segments[i]
+        return Match(self.route, params)
 
 
 class _Slot:
@@ -77,7 +81,7 @@ class _Slot:
 
 
 class _Node:
-    """One level of the param-path trie."""
+    """One level of a segment trie (param paths, or prefixes)."""
 
     __slots__ = ("param", "slot", "static")
 
@@ -90,7 +94,8 @@ class _Node:
 def _find(root: _Node, segments: list[str], method: str, misses: list[_Slot]) -> _Target | None:
     """Depth-first over the trie, a static child before the param child; the
     first target allowing ``method`` wins. Slots that matched the path but not
-    the method go to ``misses`` (for the 405's Allow)."""
+    the method go to ``misses`` (for the 405's Allow). A node's depth fixes
+    its segment index, so each node is visited at most once per call."""
     end = len(segments)
     node = root
     i = 0
