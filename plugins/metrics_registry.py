@@ -59,9 +59,10 @@ def _ensure_multiprocess_values() -> None:
     """Make new metric values mmap-backed even if prometheus_client was imported early.
 
     prometheus_client picks its value class from the environment once, at import.
-    The supervisor may import it (loading config.toml) before it exports
-    PROMETHEUS_MULTIPROC_DIR and forks the workers, which would leave every
-    worker counting in private memory that no scrape ever merges.
+    Our supervisor starts each worker as a fresh interpreter with the variable
+    already set, but an embedding process (or a fork after import) may import it
+    first, which would leave that process counting in private memory that no
+    scrape ever merges.
     """
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]

@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import values
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -394,12 +395,27 @@ async def test_events_audit_queue_and_plugin_failures(
 # --- formats and serving ---------------------------------------------------------------
 
 
-async def test_output_passes_promtool(
-    start_gateway: StartGateway, recording_upstream: RecordingUpstream
-) -> None:
+async def promtool_check(text: str) -> None:
+    """``promtool check metrics``: valid exposition and no lint findings."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus provides it)")
+    proc = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate(text.encode())
+    assert proc.returncode == 0, out.decode()
+    assert out.decode().strip() == "", out.decode()
+
+
+async def test_output_passes_promtool(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
     extra = (
         f'[plugins.deny]\ntype = "{HERE}:Reject"\n'
         f'[plugins.report]\ntype = "{HERE}:Reporter"\n[plugins.boom]\ntype = "{HERE}:Boom"\n'
@@ -432,17 +448,7 @@ async def test_output_passes_promtool(
         "gateway_queue_depth",
     ):
         assert series(m, family), family
-    proc = await asyncio.create_subprocess_exec(
-        promtool,
-        "check",
-        "metrics",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate(text.encode())
-    assert proc.returncode == 0, out.decode()
-    assert out.decode().strip() == "", out.decode()  # no lint findings either
+    await promtool_check(text)
 
 
 async def test_openmetrics_on_accept_plain_text_otherwise_and_head(
@@ -634,7 +640,7 @@ async def test_two_workers_counts_add_up_in_one_scrape(
     # Each worker flushes its numbers within FLUSH_INTERVAL; the scraped one at once.
     deadline = time.monotonic() + 10
     while True:
-        _, m = await scrape(gp.url)
+        text, m = await scrape(gp.url)
         total = value(m, "gateway_requests_total", route="users", method="GET", status="200")
         if total == sent or time.monotonic() > deadline:
             break
@@ -645,7 +651,36 @@ async def test_two_workers_counts_add_up_in_one_scrape(
         == sent
     )
     assert value(m, "gateway_requests_in_flight") == 0
+    await promtool_check(text)
     assert await gp.stop() == 0
+
+
+async def test_multiprocess_mode_even_if_prometheus_client_was_imported_first(
+    start_gateway: StartGateway,
+    recording_upstream: RecordingUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # prometheus_client chose its in-memory value class at import (this process had
+    # no PROMETHEUS_MULTIPROC_DIR then); the plugin must still write the shared files.
+    # monkeypatch restores the value class afterwards, for the rest of the session.
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    assert not getattr(values.ValueClass, "_multiprocess", False)
+    mpdir = tmp_path / "prom"
+    mpdir.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mpdir))
+    gw = await start_gateway(config(recording_upstream.url))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(7):
+            async with s.get(f"{gw.url}/users") as r:
+                assert r.status == 200
+    text, m = await scrape(gw.url)
+    assert value(m, "gateway_requests_total", route="users", method="GET", status="200") == 7
+    buckets, _ = histogram(m, "gateway_request_duration_seconds", route="users", method="GET")
+    assert buckets[-1][1] == 7
+    assert any(f.name.startswith("counter_") for f in mpdir.iterdir())
+    assert "_created" not in text  # merged from the files, not this process's registry
+    await promtool_check(text)
 
 
 # --- config --------------------------------------------------------------------------------
