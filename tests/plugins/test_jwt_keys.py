@@ -113,6 +113,9 @@ async def test_jwks_server_down_after_startup_serves_cached_keys(
         assert (await call(client, gw, sign(claims(), pair))).status == 200
     stranger = await call(client, gw, sign(claims(), rsa_pair("unknown")))
     assert stranger.status == 401  # a failed refetch keeps the old keys, no 503
+    component = (await call(client, gw, path="/readyz")).body["components"]["jwks:jwt"]
+    assert component["ready"] is True  # stale keys still serve
+    assert component["detail"].startswith("stale: JWKS fetch")
     assert (await call(client, gw, sign(claims(), pair))).status == 200
     assert len(recording_upstream.requests) == 4
 
@@ -176,10 +179,15 @@ async def test_jwks_unreachable_at_startup_503_then_recovers(
     ans = await call(client, gw, sign(claims(), pair))
     assert ans.status == 503
     assert ans.body["error"] == "service_unavailable"
+    ready = await call(client, gw, path="/readyz")
+    assert ready.status == 503
+    assert ready.body["components"]["jwks:jwt"]["ready"] is False
     server = await JwksServer(keys=[pair.public_jwk]).start(port)
     try:
         await asyncio.sleep(0.6)
         assert (await call(client, gw, sign(claims(), pair))).status == 200
+        ready = await call(client, gw, path="/readyz")
+        assert ready.body["components"]["jwks:jwt"] == {"ready": True, "detail": ""}
     finally:
         await server.stop()
 
