@@ -7,8 +7,10 @@ import asyncio
 import gzip
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -699,3 +701,137 @@ def test_core_paths_under_uvloop() -> None:
             await runner.cleanup()
 
     uvloop.run(scenario())
+
+
+# -- the gap timer blames only the upstream ---------------------------------
+
+
+async def test_slow_client_does_not_trip_read_timeout(start_upstream: StartUpstream) -> None:
+    big = os.urandom(3 * 1024 * 1024)
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        got = await request.read()
+        return web.Response(body=got or big)
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield bytes([i]) * 10
+            await asyncio.sleep(0.4)  # the client uploads slowly
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url, read_timeout=0.25)
+    # Slow download: reading is paused at the high-water mark, not a timeout.
+    resp = await pool.request("GET", b"/", [], None, None)
+    first = await resp.read()
+    await asyncio.sleep(0.6)
+    assert first + await read_all(resp) == big
+    resp.release()
+    # Slow upload: waiting for the client is not the upstream's silence.
+    _, body = await fetch(pool, "POST", body=slow_body())
+    assert body == b"\x00" * 10 + b"\x01" * 10 + b"\x02" * 10
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+async def test_upstream_not_reading_body_times_out(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        await asyncio.sleep(10)  # never reads the body, never answers
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"b" * 65536
+
+    pool = make_pool(await raw_server(handler), read_timeout=0.3)
+    with pytest.raises(UpstreamTimeout):
+        await fetch(pool, "POST", body=endless())
+    assert pool.stats().active == 0
+    await pool.close()
+
+
+# -- https -------------------------------------------------------------------
+
+
+def _tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A throwaway CA and a certificate for 127.0.0.1: (server, client) contexts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context()
+    client.load_verify_locations(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    return server, client
+
+
+async def test_https_upstream(tmp_path: Path) -> None:
+    server_ctx, client_ctx = _tls_contexts(tmp_path)
+    payload = os.urandom(300_000)
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=payload + await request.read())
+
+    runner = web.ServerRunner(web.Server(handler), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        pool = make_pool(f"https://127.0.0.1:{port}")
+        assert pool.host_header == f"127.0.0.1:{port}".encode()
+        # Without our CA the default context must refuse the certificate.
+        with pytest.raises(UpstreamConnectError):
+            await fetch(pool)
+        pool._ssl = client_ctx  # the default context plus the test CA
+        for _ in range(3):
+            _, body = await fetch(pool, "POST", body=b"tls")
+            assert body == payload + b"tls"
+        assert pool.stats().opened == 1
+        await pool.close()
+    finally:
+        await runner.cleanup()
