@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
-__all__ = ["BadPath", "encode_path", "normalize_path"]
+__all__ = ["BadPath", "encode_path", "normalize_path", "resolve_path"]
 
 
 class BadPath(ValueError):
@@ -66,7 +66,7 @@ def normalize_path(raw: str) -> str:
         and "#" not in raw
     ):
         return raw
-    return _resolve(_decode(raw))
+    return resolve_path(_decode(raw))
 
 
 def _decode(raw: str) -> str:
@@ -99,8 +99,12 @@ def _decode(raw: str) -> str:
     return text
 
 
-def _resolve(text: str) -> str:
-    """Resolve dot segments and merge slashes in decoded ``text``."""
+def resolve_path(text: str) -> str:
+    """``text`` (already decoded) with dot segments resolved and slashes merged.
+
+    The structural half of :func:`normalize_path`, without decoding: a path
+    template is in normal form when ``resolve_path(template) == template``.
+    """
     if text[:1] == "/" and "//" not in text and "/." not in text:
         return text
     segments = text.split("/")

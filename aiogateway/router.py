@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from .errors import ConfigError
-from .pathnorm import BadPath, normalize_path
+from .pathnorm import BadPath, normalize_path, resolve_path
 from .routes import Route
 
 __all__ = ["Match", "Router"]
@@ -272,15 +272,26 @@ def _find_prefix(
 
 
 def _normal(route: Route, written: str, key: str) -> str:
-    """``written`` as requests for it arrive (normalised); reject forms no
-    request could match (``//``, dot segments), since the router only ever
-    sees normalised paths."""
+    """``written`` checked to be a path a request can arrive as.
+
+    Requests are matched once normalised (decoded, no ``//``, no dot
+    segments), so a template must be written that way too; otherwise it could
+    never match. Percent-escapes are refused rather than decoded so that a
+    route's path/prefix is the very string matched (``strip_prefix`` relies on
+    it) and ``%20`` never quietly means a literal ``%20``.
+    """
     where = f"routes[{route.index}].{key}"
-    try:
-        path = normalize_path(written)
-    except BadPath as exc:
-        raise ConfigError(f"{written!r}: {exc}", location=where) from None
-    if "%" not in written and path != written:
+    if "%" in written:
+        try:
+            hint = f"; write it decoded: {normalize_path(written)!r}"
+        except BadPath:
+            hint = ""
+        raise ConfigError(
+            f"{written!r} holds a percent-escape, but routes match decoded paths{hint}",
+            location=where,
+        )
+    path = resolve_path(written)
+    if path != written:
         raise ConfigError(
             f"{written!r} is not a normalised path (requests for it arrive as {path!r})",
             location=where,

@@ -68,6 +68,11 @@ def test_normalize_rejects(raw: str) -> None:
         normalize_path(raw)
 
 
+def test_resolve_path_does_not_decode() -> None:
+    assert pathnorm.resolve_path("/a//./b/../%2e%2e") == "/a/%2e%2e"
+    assert pathnorm.resolve_path("a/b/..") == "/a/"
+
+
 def test_bad_path_is_value_error() -> None:
     assert issubclass(BadPath, ValueError)
 
@@ -128,7 +133,7 @@ def test_normal_form(raw: str) -> None:
         return
     check_normal(path)
     # The fast path must agree with the full algorithm.
-    assert path == pathnorm._resolve(pathnorm._decode(raw))
+    assert path == pathnorm.resolve_path(pathnorm._decode(raw))
 
 
 @given(RAW)

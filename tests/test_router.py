@@ -188,10 +188,11 @@ def test_trailing_slash_is_part_of_the_path() -> None:
     assert hit(both, "GET", "/o/5/").route is p2
 
 
-def test_percent_encoded_template_matches_decoded_path() -> None:
-    router, (r,) = build({"path": "/files/a%20b"})
-    assert hit(router, "GET", normalize_path("/files/a%20b")).route is r
-    assert hit(router, "GET", "/files/a b").route is r
+def test_templates_are_written_decoded() -> None:
+    router, (spaced,) = build({"path": "/files/a b/{name}"})
+    assert hit(router, "GET", normalize_path("/files/a%20b/x%25y")) == (spaced, {"name": "x%y"})
+    with pytest.raises(ConfigError, match="write it decoded: '/files/a b'"):
+        build({"path": "/files/a%20b"})
 
 
 # -- conflicts ------------------------------------------------------------------
@@ -240,6 +241,9 @@ def test_disjoint_methods_and_different_shapes_do_not_conflict() -> None:
         ({"path": "/a/./b"}, "routes[0].path"),
         ({"path": "/a/../b"}, "routes[0].path"),
         ({"path": "/a/%zz"}, "routes[0].path"),
+        ({"path": "/a/%2e%2e/b"}, "routes[0].path"),
+        ({"prefix": "/a%2Fb"}, "routes[0].prefix"),
+        ({"path": "a/b"}, "routes[0].path"),
         ({"path": "/a/x{id}"}, "routes[0].path"),
         ({"path": "/a/{id}/{id}"}, "routes[0].path"),
         ({"path": "/a/{1x}"}, "routes[0].path"),
