@@ -167,6 +167,11 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         self._spool_root = Path()
         self._starting: set[asyncio.Task[None]] = set()
 
+    @property
+    def queues(self) -> dict[str, DeliveryQueue]:
+        """Each topic's delivery queue (depth, spooled bytes, health)."""
+        return {name: t.queue for name, t in self._topics.items()}
+
     def check_route(self, route: RouteSettings, location: str) -> None:
         event = route.event
         if event is None:

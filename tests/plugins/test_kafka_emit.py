@@ -1,0 +1,497 @@
+"""kafka-emit against a real broker (Tansu, or $KAFKA_BOOTSTRAP_SERVERS).
+
+Events are read back with a separate consumer; a TCP relay between gateway
+and broker stands in for a network partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from aiogateway.errors import ConfigError
+from aiogateway.exchange import Exchange
+from aiogateway.plugin import Plugin, PluginConfig
+from plugins.cloudevents import Envelope, first_param, pack, rfc3339_ms, unpack
+from plugins.kafka_emit import KafkaEmit
+from tests.support.gateway import StartGateway, StartGatewayProcess
+from tests.support.kafka import KafkaBroker, StartBroker, consume, create_topics, free_port
+from tests.support.relay import Relay
+from tests.support.upstreams import RecordingUpstream
+
+pytestmark = pytest.mark.timeout(120)
+
+TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+DATA_KEYS = {
+    "request_id",
+    "route",
+    "method",
+    "path",
+    "params",
+    "status",
+    "duration_ms",
+    "user_id",
+    "org_id",
+    "client_ip",
+}
+
+
+class FakeIdentity(Plugin[PluginConfig]):
+    """Sets the identity from test headers; X-Test-Reject answers 401."""
+
+    type_name = "fake-identity"
+
+    async def on_request(self, exchange: Exchange) -> web.StreamResponse | None:
+        headers = exchange.request.headers
+        if "X-Test-Reject" in headers:
+            return web.json_response({"error": "unauthorized"}, status=401)
+        exchange.user_id = headers.get("X-Test-User")
+        exchange.org_id = headers.get("X-Test-Org")
+        return None
+
+
+class EventCounter:
+    """A telemetry sink that keeps gateway_events_total's numbers."""
+
+    def __init__(self) -> None:
+        self.events: Counter[tuple[str, str]] = Counter()
+
+    def upstream_error(self, upstream: str, kind: str) -> None: ...
+    def plugin_rejection(self, plugin: str, route: str, status: int) -> None: ...
+    def plugin_failure(self, plugin: str, hook: str) -> None: ...
+    def audit_outcome(self, outcome: str, count: int) -> None: ...
+    def queue_depth(self, queue: str, depth: int) -> None: ...
+
+    def event_outcome(self, topic: str, outcome: str, count: int) -> None:
+        self.events[(topic, outcome)] += count
+
+
+def config(upstream: str, bootstrap: str, topic: str, extra: str = "", routes: str = "") -> str:
+    return f"""
+[upstreams.svc]
+url = "{upstream}"
+
+[plugins.who]
+type = "tests.plugins.test_kafka_emit:FakeIdentity"
+
+[plugins.events]
+type = "kafka-emit"
+bootstrap_servers = "{bootstrap}"
+flush_interval = 0.02
+{extra}
+
+[chains]
+public = ["who", "events"]
+
+[[routes]]
+name = "sign-up"
+methods = ["POST"]
+path = "/v1/client/sign-up"
+upstream = "svc"
+chain = "public"
+event = {{ topic = "{topic}", type = "user_registered", attributes = {{ tenant = "acme" }} }}
+
+[[routes]]
+methods = ["DELETE"]
+path = "/v1/org/{{id}}/member/{{user_id}}"
+upstream = "svc"
+chain = "public"
+event = {{ topic = "{topic}", type = "member_removed", on = "always" }}
+
+[[routes]]
+name = "quiet"
+path = "/v1/quiet"
+upstream = "svc"
+chain = "public"
+{routes}
+"""
+
+
+def topic_name() -> str:
+    return f"events-{uuid.uuid4().hex[:10]}"
+
+
+# Envelope and record framing (no broker) -----------------------------------------
+
+
+def test_rfc3339_ms_is_utc_with_milliseconds() -> None:
+    assert rfc3339_ms(0.0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339_ms(1795980060.1239) == "2026-11-29T19:21:00.123Z"
+
+
+def test_first_param_in_template_order() -> None:
+    assert first_param("/v1/org/{id}/member/{user_id}") == "id"
+    assert first_param("/v1/client/sign-up") is None
+    assert first_param(None) is None
+
+
+def test_record_round_trip() -> None:
+    env = Envelope(key="ü".encode(), ce_id=b"abc", ce_type=b"t", value=b'{"x":1}')
+    assert unpack(pack(env)) == env
+
+
+# Config checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plugin_extra", "route_event", "where"),
+    [
+        ("", '{ topic = "bad topic", type = "t" }', r"routes\[0\].*\.event\.topic: Kafka topics"),
+        (
+            "",
+            '{ topic = "t", type = "t", attributes = { id = "x" } }',
+            r"routes\[0\].*\.event\.attributes\.id: 'id' is a CloudEvents",
+        ),
+        (
+            "",
+            '{ topic = "t", type = "t", attributes = { "Bad-Name" = "x" } }',
+            r"attributes\.Bad-Name",
+        ),
+        ('compression = "zstd"', '{ topic = "t", type = "t" }', "zstd"),
+        ('security_protocol = "SASL_SSL"', '{ topic = "t", type = "t" }', "sasl_username"),
+        ("acks = 1\nenable_idempotence = true", '{ topic = "t", type = "t" }', "idempotence"),
+    ],
+)
+def test_config_errors_are_located(
+    tmp_path: Path, plugin_extra: str, route_event: str, where: str
+) -> None:
+    from aiogateway.config import load_table
+
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[upstreams.svc]
+url = "http://127.0.0.1:1"
+[plugins.events]
+type = "kafka-emit"
+bootstrap_servers = "127.0.0.1:9092"
+{plugin_extra}
+[[routes]]
+path = "/x"
+upstream = "svc"
+chain = ["events"]
+event = {route_event}
+"""
+    )
+    with pytest.raises(ConfigError, match=where):
+        load_table(path, {})
+
+
+# Through a running gateway --------------------------------------------------------
+
+
+async def test_envelope_headers_and_user_key(
+    kafka_bootstrap: str, recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    await create_topics(kafka_bootstrap, [topic])
+    gw = await start_gateway(config(recording_upstream.url, kafka_bootstrap, topic))
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gw.url}/v1/client/sign-up",
+            headers={"X-Test-User": "u-42", "X-Test-Org": "o-7", "X-Request-ID": "req-1"},
+            data=b"{}",
+        ) as resp,
+    ):
+        assert resp.status == 200
+    [rec] = await consume(kafka_bootstrap, topic, 1)
+    event = orjson.loads(rec.value)
+    assert set(event) == {
+        "specversion", "id", "source", "type", "time", "datacontenttype", "subject", "data",
+        "tenant",
+    }  # fmt: skip
+    assert event["specversion"] == "1.0"
+    assert uuid.UUID(event["id"]).version == 4
+    assert event["source"] == "aiogateway"
+    assert event["type"] == "user_registered"
+    assert TIME_RE.fullmatch(event["time"])
+    assert event["datacontenttype"] == "application/json"
+    assert event["subject"] == "u-42"
+    assert event["tenant"] == "acme"
+    data = event["data"]
+    assert set(data) == DATA_KEYS
+    assert data["request_id"] == "req-1"
+    assert data["route"] == "sign-up"
+    assert (data["method"], data["path"]) == ("POST", "/v1/client/sign-up")
+    assert data["params"] == {}
+    assert data["status"] == 200
+    assert isinstance(data["duration_ms"], float)
+    assert 0 < data["duration_ms"] < 10_000
+    assert (data["user_id"], data["org_id"]) == ("u-42", "o-7")
+    assert data["client_ip"] == "127.0.0.1"
+    assert rec.key == b"u-42"
+    assert dict(rec.headers) == {"ce_type": b"user_registered", "ce_id": event["id"].encode()}
+
+
+async def test_key_falls_back_to_first_param_then_request_id(
+    kafka_bootstrap: str, recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    await create_topics(kafka_bootstrap, [topic])
+    gw = await start_gateway(config(recording_upstream.url, kafka_bootstrap, topic))
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(
+            f"{gw.url}/v1/org/org-9/member/m-3", headers={"X-Request-ID": "req-a"}
+        ) as resp:
+            assert resp.status == 200
+        async with http.post(
+            f"{gw.url}/v1/client/sign-up", headers={"X-Request-ID": "req-b"}
+        ) as resp:
+            assert resp.status == 200
+    recs = await consume(kafka_bootstrap, topic, 2)
+    assert [r.key for r in recs] == [b"org-9", b"req-b"]
+    first = orjson.loads(recs[0].value)
+    assert first["data"]["params"] == {"id": "org-9", "user_id": "m-3"}
+    assert first["subject"] is None
+
+
+async def test_non_2xx_emits_only_with_on_always(
+    kafka_bootstrap: str, recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    await create_topics(kafka_bootstrap, [topic])
+    gw = await start_gateway(config(recording_upstream.url, kafka_bootstrap, topic))
+    async with aiohttp.ClientSession() as http:
+        for url, headers, status in [
+            ("/v1/client/sign-up?status=500", {}, 500),  # on=success: nothing
+            ("/v1/client/sign-up", {"X-Test-Reject": "1"}, 401),  # rejected: nothing
+            ("/v1/quiet", {}, 200),  # no event on the route
+            ("/v1/org/o/member/m?status=404", {"X-Request-ID": "r404"}, 404),
+            ("/v1/org/o/member/m", {"X-Test-Reject": "1", "X-Request-ID": "r401"}, 401),
+            ("/v1/client/sign-up?status=201", {"X-Request-ID": "r201"}, 201),
+        ]:
+            method = "DELETE" if "/org/" in url else "POST"
+            async with http.request(method, gw.url + url, headers=headers) as resp:
+                assert resp.status == status
+    recs = await consume(kafka_bootstrap, topic, 3)
+    seen = [
+        (d["data"]["request_id"], d["data"]["status"])
+        for d in map(orjson.loads, (r.value for r in recs))
+    ]
+    assert seen == [("r404", 404), ("r401", 401), ("r201", 201)]
+
+
+async def test_ten_thousand_requests_ten_thousand_events(
+    kafka_bootstrap: str, recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    await create_topics(kafka_bootstrap, [topic], partitions=3)
+    gw = await start_gateway(config(recording_upstream.url, kafka_bootstrap, topic))
+    n = 10_000
+    sem = asyncio.Semaphore(64)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+
+        async def one(i: int) -> None:
+            async with (
+                sem,
+                http.post(
+                    f"{gw.url}/v1/client/sign-up",
+                    headers={"X-Test-User": f"u{i % 50}", "X-Request-ID": f"r{i}"},
+                ) as resp,
+            ):
+                assert resp.status == 200
+                await resp.read()
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    recs = await consume(kafka_bootstrap, topic, n, timeout=60)
+    ids = {orjson.loads(r.value)["id"] for r in recs}
+    assert len(recs) == n
+    assert len(ids) == n
+    assert {orjson.loads(r.value)["data"]["request_id"] for r in recs} == {
+        f"r{i}" for i in range(n)
+    }
+
+
+# Outages --------------------------------------------------------------------------
+
+
+async def post_as(http: aiohttp.ClientSession, url: str, user: str, request_id: str) -> None:
+    async with http.post(
+        f"{url}/v1/client/sign-up", headers={"X-Test-User": user, "X-Request-ID": request_id}
+    ) as resp:
+        assert resp.status == 200
+        await resp.read()
+
+
+@pytest.fixture
+async def partitioned_broker(
+    start_kafka_broker: StartBroker,
+) -> AsyncIterator[tuple[KafkaBroker, Relay]]:
+    """A dedicated broker reachable only through a relay the test can cut.
+
+    The broker advertises the relay's port, so the connections a Kafka client
+    opens after bootstrapping go through the relay as well.
+    """
+    relay_port = free_port()
+    broker = await start_kafka_broker(advertised_port=relay_port)
+    relay = await Relay("127.0.0.1", broker.port).start(port=relay_port)
+    yield broker, relay
+    await relay.close()
+
+
+def assert_exact_and_ordered(recs: list[Any], expected: list[str]) -> None:
+    """Every expected request id once, none extra, each user's in sending order."""
+    events = [orjson.loads(r.value) for r in recs]
+    ids = [e["data"]["request_id"] for e in events]
+    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    assert not dupes, f"{len(dupes)} duplicated events, e.g. {dupes[:5]}"
+    assert sorted(ids) == sorted(expected)
+    assert len({e["id"] for e in events}) == len(events)
+    per_key: dict[bytes, list[str]] = defaultdict(list)
+    for rec in sorted(recs, key=lambda r: (r.partition, r.offset)):
+        per_key[rec.key].append(orjson.loads(rec.value)["data"]["request_id"])
+    for key, seq in per_key.items():
+        assert seq == sorted(seq), f"events of {key!r} out of order"
+
+
+async def test_broker_cut_during_load_delivers_all_in_order(
+    partitioned_broker: tuple[KafkaBroker, Relay],
+    recording_upstream: RecordingUpstream,
+    start_gateway: StartGateway,
+) -> None:
+    _broker, relay = partitioned_broker
+    topic = topic_name()
+    await create_topics(relay.address, [topic], partitions=3)
+    # A small memory queue: the outage also pushes events through the spool.
+    gw = await start_gateway(
+        config(recording_upstream.url, relay.address, topic, extra="queue_size = 50")
+    )
+    counter = EventCounter()
+    gw.gateway.telemetry.add_sink(counter)
+    users, per_user = 10, 120
+    sent = 0
+    async with aiohttp.ClientSession() as http:
+
+        async def user(u: int) -> None:
+            nonlocal sent
+            for i in range(per_user):
+                await post_as(http, gw.url, f"user-{u}", f"u{u:02d}-{i:05d}")
+                sent += 1
+                await asyncio.sleep(0.002)
+
+        load = asyncio.gather(*(user(u) for u in range(users)))
+        while sent < 300:
+            await asyncio.sleep(0.01)
+        relay.cut()
+        cut_at = sent
+        await asyncio.sleep(1.5)  # requests go on and succeed while Kafka is unreachable
+        during = sent - cut_at
+        relay.restore()
+        await load
+    assert during > 100, "the load did not continue through the outage"
+    recs = await consume(relay.address, topic, users * per_user, timeout=60)
+    expected = [f"u{u:02d}-{i:05d}" for u in range(users) for i in range(per_user)]
+    assert_exact_and_ordered(recs, expected)
+    assert counter.events[(topic, "spooled")] > 0
+    assert counter.events[(topic, "dropped")] == 0
+
+
+async def test_sigterm_during_outage_spools_and_replays_on_restart(
+    partitioned_broker: tuple[KafkaBroker, Relay],
+    recording_upstream: RecordingUpstream,
+    gateway_process: StartGatewayProcess,
+) -> None:
+    _broker, relay = partitioned_broker
+    topic = topic_name()
+    await create_topics(relay.address, [topic], partitions=2)
+    text = config(recording_upstream.url, relay.address, topic, extra="flush_timeout = 1")
+    gp = await gateway_process(text)
+    await wait_ready(gp.url, "events")
+    async with aiohttp.ClientSession() as http:
+        for i in range(100):
+            await post_as(http, gp.url, f"user-{i % 7}", f"a{i:04d}")
+        await consume(relay.address, topic, 100)  # delivered before the outage
+        relay.cut()
+        for i in range(300):
+            await post_as(http, gp.url, f"user-{i % 7}", f"b{i:04d}")
+    assert await gp.stop() == 0
+    spool = gp.config_path.parent / ".run" / "state" / "spool" / "events" / topic
+    assert sum(p.stat().st_size for p in spool.glob("*.seg")) > 300 * 100, gp.log
+    relay.restore()
+    gp2 = await gateway_process(text)
+    recs = await consume(relay.address, topic, 400, timeout=60)
+    expected = [f"a{i:04d}" for i in range(100)] + [f"b{i:04d}" for i in range(300)]
+    assert_exact_and_ordered(recs, expected)
+    assert await gp2.stop() == 0
+    assert not any(p.stat().st_size > 16 for p in spool.glob("*.seg"))
+
+
+async def wait_ready(url: str, component: str, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{url}/readyz") as resp:
+                state = (await resp.json())["components"].get(component, {})
+            if state.get("ready"):
+                return state  # type: ignore[no-any-return]
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{component} not ready: {state}")
+            await asyncio.sleep(0.1)
+
+
+async def test_unreachable_broker_at_startup_gateway_serves_then_connects(
+    recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    port = free_port()  # nothing listens here yet
+    topic = topic_name()
+    gw = await start_gateway(
+        config(
+            recording_upstream.url,
+            f"127.0.0.1:{port}",
+            topic,
+            extra="auto_create_topics = true\nrequest_timeout = 2",
+        )
+    )
+    async with aiohttp.ClientSession() as http:
+        await post_as(http, gw.url, "user-1", "early")
+        async with http.get(f"{gw.url}/readyz") as resp:
+            body = await resp.json()
+        assert resp.status == 503
+        events = body["components"]["events"]
+        assert events["ready"] is False
+        assert f"127.0.0.1:{port}" in events["detail"] or "connect" in events["detail"]
+    broker = KafkaBroker(port=port)
+    try:
+        await asyncio.to_thread(broker.start)
+        await wait_ready(gw.url, "events")
+        [rec] = await consume(broker.bootstrap, topic, 1, timeout=30)
+        assert orjson.loads(rec.value)["data"]["request_id"] == "early"
+    finally:
+        broker.close()
+
+
+async def test_spool_cap_drops_are_counted(
+    recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    extra = "queue_size = 10\nbatch_size = 10\nspool_max_bytes = 65536"
+    gw = await start_gateway(
+        config(recording_upstream.url, f"127.0.0.1:{free_port()}", topic, extra=extra)
+    )
+    counter = EventCounter()
+    gw.gateway.telemetry.add_sink(counter)
+    plugin = gw.gateway.table.plugins["events"]
+    assert isinstance(plugin, KafkaEmit)
+    n = 400  # ~600 bytes each: far more than 64 KiB of spool
+    async with aiohttp.ClientSession() as http:
+        for i in range(n):
+            await post_as(http, gw.url, "user-1", f"r{i:04d}")
+    queue = plugin.queues[topic]
+    deadline = asyncio.get_running_loop().time() + 10
+    while queue.depth + counter.events[(topic, "dropped")] != n:
+        assert asyncio.get_running_loop().time() < deadline, (queue.depth, counter.events)
+        await asyncio.sleep(0.05)
+    assert counter.events[(topic, "dropped")] > 0
+    assert counter.events[(topic, "delivered")] == 0
+    assert queue.spooled_bytes <= 65536
