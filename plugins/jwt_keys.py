@@ -301,7 +301,11 @@ class JwksCache:
             if not self.loaded:
                 interval = min(interval, max(self.min_refetch_interval, 1.0))
             await asyncio.sleep(interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:
+                # Never let one surprise end the refreshes for the process's life.
+                log.exception("JWKS %s: refresh failed unexpectedly", self.url)
 
     async def _fetch(self) -> bool:
         assert self._session is not None, "JwksCache.start() not called"

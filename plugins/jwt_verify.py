@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 import orjson
+from jwt.types import Options
 
 from plugins.jwt_keys import JwksCache, KeySet, VerifyKey
 
@@ -78,7 +79,9 @@ def _header_value(value: Any) -> str | None:
     # SECURITY: a claim must not smuggle CR/LF or other controls into upstream headers.
     if text is None or len(text) > 4096 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         return None
-    return text
+    # Header values travel as latin-1 strings; non-ASCII claims go out as their
+    # UTF-8 bytes (as nginx/Kong send them), never as an encoding error.
+    return text if text.isascii() else text.encode().decode("latin-1")
 
 
 class TokenVerifier:
@@ -90,7 +93,7 @@ class TokenVerifier:
         self._jwks = jwks
         self._algorithms = frozenset(config.algorithms)
         self._jwt = jwt.PyJWT()
-        self._options: Any = {
+        self._options: Options = {
             "require": list(config.require),
             "verify_aud": config.audience is not None,
             "enforce_minimum_key_length": True,

@@ -529,3 +529,16 @@ async def test_cached_claims_not_mutated_through_exchange(
     first, second = (IdentityRecorder.seen[i]["claims"] for i in ids)
     assert first == second
     assert first is not second
+
+
+async def test_non_ascii_claim_forwarded_as_utf8(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream, client: Any
+) -> None:
+    gw = await hs_gateway(start_gateway, recording_upstream)
+    token = sign(claims(iss="auth-service", role="José 😀", org_id=["a", "b"]), SECRET)
+    assert (await call(client, gw, token)).status == 200
+    up = recording_upstream.last
+    raw = up.header("X-User-Role")
+    assert raw is not None
+    assert raw.encode("latin-1").decode() == "José 😀"
+    assert up.header("X-Org-Id") == '["a","b"]'
