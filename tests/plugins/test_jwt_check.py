@@ -542,3 +542,11 @@ async def test_non_ascii_claim_forwarded_as_utf8(
     assert raw is not None
     assert raw.encode("latin-1").decode() == "José 😀"
     assert up.header("X-Org-Id") == '["a","b"]'
+
+
+async def test_iat_in_the_future_rejected(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream, client: Any
+) -> None:
+    gw = await hs_gateway(start_gateway, recording_upstream)
+    token = sign(claims(iss="auth-service", iat=int(time.time()) + 120), SECRET)
+    assert_rejected(await call(client, gw, token), recording_upstream, "token not yet valid")

@@ -264,3 +264,37 @@ def test_parse_jwks_skips_symmetric_encryption_and_foreign_alg_keys() -> None:
     assert len(skipped) == 3
     with pytest.raises(ValueError, match="JWK Set"):
         parse_jwks({"keys": "nope"}, ["RS256"])
+
+
+async def test_token_supplied_key_urls_and_embedded_keys_ignored(
+    start_gateway: StartGateway,
+    recording_upstream: RecordingUpstream,
+    client: Any,
+    jwks: JwksServer,
+) -> None:
+    trusted, attacker = rsa_pair("trusted"), rsa_pair("attacker")
+    jwks.keys = [trusted.public_jwk]
+    evil = await JwksServer(keys=[attacker.public_jwk]).start()
+    try:
+        gw = await start_gateway(gateway_config(recording_upstream.url, jwks_table(jwks.url)))
+        for header in ({"jku": evil.url}, {"x5u": evil.url}, {"jwk": attacker.public_jwk}):
+            token = sign(claims(), attacker, header=header)
+            ans = await call(client, gw, token)
+            assert_rejected(ans, recording_upstream, "invalid signature")
+        assert evil.hits == 0  # SECURITY: never fetch a key the token points at
+    finally:
+        await evil.stop()
+
+
+async def test_kid_of_other_key_type_rejected(
+    start_gateway: StartGateway,
+    recording_upstream: RecordingUpstream,
+    client: Any,
+    jwks: JwksServer,
+) -> None:
+    rsa_key, ec_key = rsa_pair("r1"), ec_pair("e1")
+    jwks.keys = [rsa_key.public_jwk, ec_key.public_jwk]
+    gw = await start_gateway(gateway_config(recording_upstream.url, jwks_table(jwks.url)))
+    # An ES256 token naming the RSA key's kid, and an RS256 token naming the EC key's kid.
+    for token in (sign(claims(), ec_key, kid="r1"), sign(claims(), rsa_key, kid="e1")):
+        assert_rejected(await call(client, gw, token), recording_upstream, "invalid signature")
