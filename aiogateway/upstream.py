@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .settings import UpstreamSettings
-from .upstream_protocol import (
-    CLOSED,
-    Connection,
+from .upstream_protocol import CLOSED, Connection
+from .upstream_streams import (
     StaleConnection,
     UpstreamConnectError,
     UpstreamError,

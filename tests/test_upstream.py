@@ -24,7 +24,7 @@ from aiogateway.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from aiogateway.upstream_protocol import HIGH_WATER
+from aiogateway.upstream_streams import HIGH_WATER
 from tests.support.upstreams import StartUpstream
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
