@@ -69,7 +69,15 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        raw_path, _, query = request.raw_path.partition("?")
+        target = request.raw_path
+        if target[:1] != "/":
+            # Absolute-form (RFC 9112 §3.2.2): route on its path. Anything else
+            # (asterisk-form "*", authority-form) names no resource here.
+            if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+                target = request.rel_url.raw_path_qs
+            else:
+                target = ""
+        raw_path, _, query = target.partition("?")
         request_id = request_id_from(request.headers.get("X-Request-ID"))
         table = self.gateway.table
         exchange = Exchange(
@@ -79,6 +87,8 @@ class ProxyHandler:
         chain: Chain = table.unmatched_chain
         try:
             try:
+                if not raw_path:
+                    raise BadPath("the request target must be a path")
                 exchange.path = path = normalize_path(raw_path)
             except BadPath as exc:
                 exchange.error = "bad_request"

@@ -359,3 +359,26 @@ async def test_bad_percent_encoding_is_400_json(gw: RunningGateway) -> None:
     writer.close()
     assert data.startswith(b"HTTP/1.1 400")
     assert b'"error":"bad_request"' in data
+
+
+async def test_absolute_form_target_routes_on_its_path(
+    gw: RunningGateway, recording_upstream: RecordingUpstream
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET http://example.com/v1/abs?q=1 HTTP/1.1\r\nHost: example.com\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert (recording_upstream.last.path, recording_upstream.last.query) == ("/v1/abs", "q=1")
+
+
+async def test_asterisk_form_is_400(gw: RunningGateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400")
+    assert b'"error":"bad_request"' in data
