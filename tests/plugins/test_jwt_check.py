@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from aiogateway.errors import ConfigError
@@ -550,3 +552,18 @@ async def test_iat_in_the_future_rejected(
     gw = await hs_gateway(start_gateway, recording_upstream)
     token = sign(claims(iss="auth-service", iat=int(time.time()) + 120), SECRET)
     assert_rejected(await call(client, gw, token), recording_upstream, "token not yet valid")
+
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_SIGNED = sign(claims(iss="auth-service", exp=2_000_000_000, role="user"), SECRET)
+_SIGNED_PART = _SIGNED.rsplit(".", 1)[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(0, len(_SIGNED_PART) - 1), char=st.sampled_from(_B64URL))
+def test_any_change_to_header_or_payload_is_rejected(position: int, char: str) -> None:
+    assume(_SIGNED_PART[position] not in (char, "."))
+    tampered = _SIGNED_PART[:position] + char + _SIGNED[position + 1 :]
+    v = verifier(issuer="auth-service")
+    assert isinstance(asyncio.run(v.verify(_SIGNED)), Verified)
+    assert isinstance(asyncio.run(v.verify(tampered)), Rejection)
