@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .settings import UpstreamSettings
-from .upstream_protocol import CLOSED, Connection
+from .upstream_protocol import Connection
 from .upstream_streams import (
+    CLOSED,
     StaleConnection,
     UpstreamConnectError,
     UpstreamError,

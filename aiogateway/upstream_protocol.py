@@ -10,6 +10,7 @@ only the callbacks httptools needs. :mod:`aiogateway.upstream` owns the pool;
 from __future__ import annotations
 
 import asyncio
+import http
 import socket
 from collections.abc import AsyncIterable
 from typing import Protocol, cast
@@ -31,7 +32,10 @@ from .upstream_streams import (
     send_body,
 )
 
-__all__ = ["BUSY", "CLOSED", "DONE", "IDLE", "Connection", "Owner"]
+# For upstreams that send "HTTP/1.1 200" with no reason phrase.
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+
+__all__ = ["Connection", "Owner"]
 
 
 class Owner(Protocol):
@@ -228,7 +232,7 @@ class Connection(asyncio.Protocol):
                 chunked = value.rstrip().lower().endswith(b"chunked")
         resp = UpstreamResponse(
             status,
-            reason.decode("latin-1"),
+            reason.decode("latin-1") if reason else _PHRASES.get(status, ""),
             headers,
             length,
             chunked,

@@ -238,12 +238,13 @@ async def test_interim_100_skipped(raw_server: Callable[[RawHandler], Awaitable[
             await read_head(r)
             w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await w.drain()
-            w.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi")
+            w.write(b"HTTP/1.1 201\r\nContent-Length: 2\r\n\r\nhi")  # no reason phrase
 
     pool = make_pool(await raw_server(handler))
     for _ in range(2):
         resp, body = await fetch(pool)
         assert resp.status == 201
+        assert resp.reason == "Created"
         assert body == b"hi"
     assert pool.stats().opened == 1
     await pool.close()
