@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .config import load_table
 from .errors import ConfigError
+from .httpserver import GatewayServer
 from .proxy import ProxyHandler
 from .routes import RouteTable
 from .settings import GatewaySettings
@@ -116,7 +117,7 @@ class Gateway:
         self.access_log = server_settings.access_log
         await self._start_plugins(self.table)
         self.set_ready("config", True, str(self._config_path))
-        server = web.Server(
+        server = GatewayServer(
             ProxyHandler(self),
             handler_cancellation=True,
             access_log=None,

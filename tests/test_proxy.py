@@ -382,3 +382,32 @@ async def test_asterisk_form_is_400(gw: RunningGateway) -> None:
     writer.close()
     assert data.startswith(b"HTTP/1.1 400")
     assert b'"error":"bad_request"' in data
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_long_request_target_is_414_json(gw: RunningGateway) -> None:
+    data = await raw_exchange(gw.port, b"GET /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.split(b" ", 2)[1] == b"414"
+    assert b'"error":"bad_request"' in data
+
+
+async def test_long_header_is_431_json(gw: RunningGateway) -> None:
+    data = await raw_exchange(
+        gw.port, b"GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n"
+    )
+    assert data.split(b" ", 2)[1] == b"431"
+    assert b'"request_id"' in data
+
+
+async def test_garbage_request_is_400_json(gw: RunningGateway) -> None:
+    data = await raw_exchange(gw.port, b"\x16\x03\x01 not http\r\n\r\n")
+    assert data.split(b" ", 2)[1] == b"400"
+    assert b'"error":"bad_request"' in data

@@ -1,0 +1,79 @@
+"""aiohttp's low-level server with the gateway's JSON errors for malformed HTTP.
+
+aiohttp answers requests its parser rejects (bad request line, oversized
+headers, broken chunking) before any handler runs, in plain text. Here those
+answers use the gateway's JSON error shape, and oversized request lines and
+header fields get 414 and 431 instead of a generic 400.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from . import errors
+from .headers import new_request_id
+
+__all__ = ["GatewayServer"]
+
+log = logging.getLogger("aiogateway.http")
+
+
+class _GatewayRequestHandler(RequestHandler):
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._max_line = int(kwargs.get("max_line_size", 8190))
+        self._max_field = int(kwargs.get("max_field_size", 8190))
+
+    def _too_long(self, exc: LineTooLong) -> tuple[int, str]:
+        line, limit = exc.args[0], exc.args[1]
+        if self._max_line != self._max_field:
+            is_target = limit == self._max_line
+        else:
+            # Same limits: a request target starts with "/" or a scheme; a header
+            # name never does, so only a long header *value* could be misread.
+            raw = bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode()
+            is_target = raw[:1] == b"/" or raw[:7].lower() in (b"http://", b"https:/")
+        if is_target:
+            return 414, "request target too long"
+        return 431, "request header field too large"
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        code = errors.BAD_REQUEST
+        text = "malformed request"
+        if isinstance(exc, LineTooLong):
+            status, text = self._too_long(exc)
+        elif isinstance(exc, BadHttpMethod):
+            status, text = 400, "unknown HTTP method"
+        elif isinstance(exc, BadHttpMessage):
+            status = 400
+        elif status == 504:
+            code, text = errors.GATEWAY_TIMEOUT, "timed out"
+        elif status >= 500:
+            code, text = errors.INTERNAL_ERROR, "internal error"
+        if status >= 500:
+            log.error("error handling request", exc_info=exc)
+        else:
+            log.debug("rejected malformed request from %s: %s", request.remote, exc)
+        response = errors.error_response(status, code, text, new_request_id())
+        response.force_close()
+        return response
+
+
+class GatewayServer(web.Server):
+    """``web.Server`` whose connections use the JSON-error request handler."""
+
+    def __call__(self) -> RequestHandler:
+        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
