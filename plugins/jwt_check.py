@@ -162,8 +162,7 @@ class JwtCheck(Plugin[JwtCheckConfig]):
             static = KeySet([secret_key(config.secret.get_secret_value())])
         elif config.pem_files:
             static = KeySet(load_pem_keys(config.pem_files))
-        else:
-            assert config.jwks_url is not None
+        elif config.jwks_url is not None:  # the validator guarantees exactly one source
             self.jwks = JwksCache(
                 config.jwks_url,
                 config.algorithms,

@@ -31,6 +31,7 @@ from jwt.exceptions import InvalidKeyError
 __all__ = [
     "ALG_FAMILIES",
     "HMAC_MIN_BYTES",
+    "MAX_KID_CHARS",
     "RSA_MIN_BITS",
     "JwksCache",
     "KeySet",

@@ -18,7 +18,7 @@ import jwt
 import orjson
 from jwt.types import Options
 
-from plugins.jwt_keys import JwksCache, KeySet, VerifyKey
+from plugins.jwt_keys import MAX_KID_CHARS, JwksCache, KeySet, VerifyKey
 
 if TYPE_CHECKING:
     from plugins.jwt_check import JwtCheckConfig
@@ -137,7 +137,7 @@ class TokenVerifier:
         # SECURITY: the allow-list decides, never the token; "none" is never in it.
         if not isinstance(alg, str) or alg not in self._algorithms:
             return Rejection(INVALID, "algorithm not allowed")
-        if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
+        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_CHARS):
             return Rejection(INVALID, "bad kid")
         keys = self._keyset().candidates(alg, kid)
         if not keys and self._jwks is not None:
