@@ -50,6 +50,14 @@ class _Upstream(asyncio.Protocol):
         self.buf = buf
 
 
+class _Floor(asyncio.Protocol):
+    waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is not None:
+            self.waiter.set_result(None)
+
+
 async def _serve() -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_Upstream, "127.0.0.1", 0)
@@ -61,8 +69,8 @@ async def _run(
     one: Callable[[], Awaitable[None]], concurrency: int, seconds: float
 ) -> tuple[float, float]:
     """Return (CPU µs per request, requests/s)."""
-    for _ in range(200):  # warm up: connections, caches
-        await one()
+    for _ in range(100):  # warm up: connections (all of them), caches
+        await asyncio.gather(*(one() for _ in range(concurrency)))
     count = 0
     stop = time.perf_counter() + seconds
 
@@ -86,6 +94,19 @@ async def _bench(port: int, seconds: float) -> list[tuple[str, int, float, float
 
     url = f"http://127.0.0.1:{port}"
     results = []
+    # Floor: a bare Protocol, one fixed write, a future resolved by the first
+    # read; no parsing, no pool. What the event loop and kernel cost alone.
+    loop = asyncio.get_running_loop()
+    transport, floor = await loop.create_connection(_Floor, "127.0.0.1", port)
+
+    async def bare() -> None:
+        floor.waiter = loop.create_future()
+        transport.write(b"GET /item?id=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await floor.waiter
+
+    cpu, rps = await _run(bare, 1, seconds)
+    results.append(("bare Protocol (floor)", 1, cpu, rps))
+    transport.close()
     headers = [(b"User-Agent", b"bench"), (b"Accept", b"*/*"), (b"X-Request-ID", b"abc123")]
     for concurrency in (1, 32):
         pool = UpstreamPool("bench", UpstreamSettings(url=url, pool_size=64))
