@@ -1,0 +1,390 @@
+"""audit-log: one row per request in PostgreSQL's ``audit_log``, written in batches.
+
+``on_complete`` only builds the record (orjson bytes) and puts it on a
+:class:`~aiogateway.delivery.DeliveryQueue`; it never waits on the database.
+The queue's worker writes batches through one round trip each: COPY into a
+per-connection temporary staging table, then ``INSERT … SELECT … ON CONFLICT
+DO NOTHING`` into ``audit_log`` (COPY alone cannot skip rows already there).
+
+No duplicates on replay: every record carries an ``id`` (UUIDv7: time-ordered,
+so the primary key index grows at its right edge) generated here, and a batch
+re-sent after an outage or a crash conflicts on it and is skipped. The
+``request_id`` column is unique too, but clients may choose their own
+X-Request-ID: a second request with the same one is stored as
+``<request_id>#<id>`` instead of being dropped, so nobody can hide a request
+from the audit log by reusing an id.
+
+Startup: an unusable DSN (syntax, unknown host, authentication, unknown
+database, missing table without ``migrate``) fails startup, located at
+``plugins.<name>.dsn``. A database that is merely down does not: records
+queue and spool, /readyz reports this instance not ready, and a background
+task connects (and migrates, with ``migrate = true``) once it is back.
+
+Requests that match no route are not audited (no route, no chain; a 404 scan
+would otherwise write rows at the scanner's pace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+from pydantic import Field, SecretStr, field_validator
+
+from aiogateway.delivery import DeliveryQueue
+from aiogateway.errors import ConfigError
+from aiogateway.migrate import MigrationError, apply_migrations
+from aiogateway.plugin import Plugin, PluginConfig
+
+if TYPE_CHECKING:
+    from aiogateway.exchange import Exchange
+    from aiogateway.plugin import GatewayApp
+
+__all__ = ["COLUMNS", "AuditLog", "AuditLogConfig", "AuditWriter"]
+
+log = logging.getLogger("aiogateway.audit")
+
+COLUMNS = (
+    "id", "occurred_at", "request_id", "route", "method", "path", "status", "duration_ms",
+    "user_id", "org_id", "client_ip", "user_agent", "upstream", "bytes_in", "bytes_out", "error",
+)  # fmt: skip
+KEY_COLUMNS = frozenset({"id", "occurred_at", "request_id"})  # always recorded
+_MAX_TEXT = 2048  # longest user_agent / path kept; a row is no place for megabytes
+_STAGING = "audit_log_staging"
+_COLS = ", ".join(COLUMNS)
+_COLLIDED = ", ".join(
+    "s.request_id || '#' || s.id::text" if c == "request_id" else f"s.{c}" for c in COLUMNS
+)
+# One round trip: rows new by id go in; a row whose request_id alone collided is
+# kept under a suffixed request_id; rows whose id is already there are replays.
+_INSERT = f"""
+INSERT INTO audit_log ({_COLS}) SELECT {_COLS} FROM {_STAGING} ON CONFLICT DO NOTHING;
+INSERT INTO audit_log ({_COLS}) SELECT {_COLLIDED} FROM {_STAGING} s
+ WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.id) ON CONFLICT DO NOTHING;
+"""
+# Record-specific failures: rejected by PostgreSQL (bad data, a constraint) or by the
+# driver's encoder (a value out of range). The batch is retried row by row and only
+# the bad rows are dropped, so one bad record can never block the queue.
+_DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
+
+class AuditLogConfig(PluginConfig):
+    dsn: SecretStr = Field(description="postgresql://user:password@host:port/database")
+    pool_size: int = Field(4, ge=1, le=100, description="Most connections to PostgreSQL.")
+    batch_size: int = Field(500, ge=1, le=100_000, description="Most rows per write.")
+    flush_interval: float = Field(0.2, gt=0, le=60, description="Longest wait to fill a batch.")
+    queue_size: int = Field(10_000, ge=1, description="Records held in memory before spooling.")
+    spool_dir: str | None = Field(None, description="Default: <state_dir>/spool/<instance>.")
+    spool_max_bytes: int = Field(1 << 30, ge=0, description="Spool cap; past it rows drop.")
+    fields: list[str] | None = Field(None, description="Columns to record (default: all).")
+    migrate: bool = Field(False, description="Apply migrations at startup.")
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect.")
+    write_timeout: float = Field(30.0, gt=0, description="Seconds one batch write may take.")
+    flush_timeout: float = Field(10.0, ge=0, description="Shutdown: seconds to write, then spool.")
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_shape(cls, v: SecretStr) -> SecretStr:
+        parts = urlsplit(v.get_secret_value())
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("expected postgresql://user:password@host:port/database")
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError as exc:
+            raise ValueError(f"bad port in DSN ({exc})") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("DSN names no host")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (bad := sorted(set(v) - set(COLUMNS))):
+            raise ValueError(f"unknown column(s) {bad}; known: {list(COLUMNS)}")
+        return v
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (RFC 9562 version 7); random bits from os.urandom (fork-safe)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & (1 << 48) - 1) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = str(v)[:_MAX_TEXT]
+    return s.replace("\x00", "\ufffd") if "\x00" in s else s  # PostgreSQL text has no NUL
+
+
+def _inet(v: Any) -> str | None:
+    try:
+        return str(ipaddress.ip_address(v)) if v else None
+    except ValueError:
+        return None  # e.g. a unix-socket peer
+
+
+def to_row(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """A decoded record as a tuple in COLUMNS order, typed for COPY."""
+    g = rec.get
+    return (
+        uuid.UUID(rec["id"]),
+        datetime.fromtimestamp(rec["occurred_at"], UTC),
+        _text(rec["request_id"]),
+        _text(g("route")),
+        _text(g("method")),
+        _text(g("path")),
+        g("status"),
+        g("duration_ms"),
+        _text(g("user_id")),
+        _text(g("org_id")),
+        _inet(g("client_ip")),
+        _text(g("user_agent")),
+        _text(g("upstream")),
+        g("bytes_in"),
+        g("bytes_out"),
+        _text(g("error")),
+    )
+
+
+class AuditWriter:
+    """The queue's sink: writes batches of records into ``audit_log``; usable alone (bench)."""
+
+    def __init__(self, write_timeout: float = 30.0, acquire_timeout: float = 5.0) -> None:
+        self.pool: asyncpg.Pool | None = None
+        self.write_timeout = write_timeout
+        self.acquire_timeout = acquire_timeout
+        self.on_bad_record: Any = None  # Callable[[int], None]: records that can never be written
+
+    @staticmethod
+    async def init_connection(conn: asyncpg.Connection) -> None:
+        # One staging table per session, emptied by every commit: no catalog churn per batch.
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE audit_log) ON COMMIT DELETE ROWS"
+        )
+
+    async def __call__(self, records: list[bytes]) -> list[bytes]:
+        if self.pool is None:
+            raise ConnectionError("not connected to PostgreSQL yet")
+        rows: list[tuple[Any, ...]] = []
+        for r in records:
+            try:
+                rows.append(to_row(orjson.loads(r)))
+            except (ValueError, KeyError, TypeError, OverflowError):
+                log.error("audit record cannot be decoded; dropped: %.200r", r)
+                self._bad(1)
+        try:
+            await self._write(rows)
+        except _DATA_ERRORS as exc:
+            log.warning("audit batch rejected (%s); writing its rows one by one", exc)
+            for row in rows:
+                try:
+                    await self._write([row])
+                except _DATA_ERRORS as exc1:
+                    log.error("audit row rejected by PostgreSQL; dropped: %s: %r", exc1, row)
+                    self._bad(1)
+        return []
+
+    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        assert self.pool is not None
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
+            await conn.copy_records_to_table(
+                _STAGING, records=rows, columns=COLUMNS, timeout=self.write_timeout
+            )
+            await conn.execute(_INSERT, timeout=self.write_timeout)
+
+    def _bad(self, n: int) -> None:
+        if self.on_bad_record is not None:
+            self.on_bad_record(n)
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Whether a connection failure is a configuration mistake rather than an outage."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+    return isinstance(
+        exc,
+        asyncpg.InvalidAuthorizationSpecificationError  # bad password, unknown role
+        | asyncpg.InvalidCatalogNameError  # unknown database
+        | asyncpg.UndefinedTableError  # audit_log missing and migrate = false
+        | asyncpg.ClientConfigurationError
+        | MigrationError
+        | ValueError,
+    )
+
+
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        text += " (run `aiogateway migrate`, or set migrate = true)"
+    return text
+
+
+class AuditLog(Plugin[AuditLogConfig]):
+    """One ``audit_log`` row per request of the routes whose chain lists this instance."""
+
+    type_name = "audit-log"
+    Config = AuditLogConfig
+
+    def __init__(self, name: str, config: AuditLogConfig) -> None:
+        super().__init__(name, config)
+        self.queue: DeliveryQueue | None = None
+        self.writer = AuditWriter(config.write_timeout, config.connect_timeout)
+        self._app: GatewayApp | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._ready = False
+        keep = set(config.fields) | KEY_COLUMNS if config.fields is not None else None
+        self._drop = tuple(c for c in COLUMNS if keep is not None and c not in keep)
+
+    # Lifecycle ---------------------------------------------------------------
+
+    async def startup(self, app: GatewayApp) -> None:
+        c = self.config
+        self._app = app
+        spool = Path(c.spool_dir) if c.spool_dir else app.state_dir / "spool" / self.name
+        self.queue = DeliveryQueue(
+            f"audit-log {self.name}",
+            self.writer,
+            spool_dir=spool,
+            telemetry=app.telemetry,
+            queue_name=f"audit-log:{self.name}",
+            max_queue=c.queue_size,
+            batch_size=c.batch_size,
+            flush_interval=c.flush_interval,
+            spool_max_bytes=c.spool_max_bytes,
+            on_outcome=self._outcome,
+        )
+        self.writer.on_bad_record = lambda n: self._outcome("dropped", n)
+        try:
+            await self._connect()
+        except Exception as exc:
+            if _fatal(exc):
+                raise ConfigError(
+                    f"cannot use the database: {_why(exc)}", location=f"plugins.{self.name}.dsn"
+                ) from exc
+            log.warning("audit-log %s: PostgreSQL unreachable (%s); spooling", self.name, exc)
+            self._set_ready(False, f"PostgreSQL unreachable: {_why(exc)}; records spool")
+            self._connector = asyncio.create_task(self._keep_connecting())
+        else:
+            self._set_ready(True, "")
+        await self.queue.start()
+
+    async def _connect(self) -> None:
+        c = self.config
+        dsn = c.dsn.get_secret_value()
+        # A probe first: it tells a bad DSN from an outage before migrations or the pool.
+        probe = await asyncpg.connect(dsn, timeout=c.connect_timeout)
+        await probe.close()
+        if c.migrate:
+            await asyncio.to_thread(apply_migrations, dsn, connect_timeout=c.connect_timeout)
+        self.writer.pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=c.pool_size,
+            timeout=c.connect_timeout,
+            command_timeout=c.write_timeout,
+            init=AuditWriter.init_connection,
+        )
+
+    async def _keep_connecting(self) -> None:
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except Exception as exc:
+                if _fatal(exc):
+                    log.error("audit-log %s: %s", self.name, _why(exc))
+                self._set_ready(False, f"PostgreSQL unreachable: {_why(exc)}; records spool")
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("audit-log %s: connected to PostgreSQL", self.name)
+            return  # readiness turns true with the first batch written
+
+    async def shutdown(self, app: GatewayApp) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connector
+        if self.queue is not None:
+            await self.queue.close(self.config.flush_timeout)
+        pool, self.writer.pool = self.writer.pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except TimeoutError:
+                pool.terminate()
+
+    def _outcome(self, outcome: str, count: int) -> None:
+        assert self._app is not None
+        if outcome == "delivered":
+            self._app.telemetry.audit_outcome("written", count)
+            if not self._ready:
+                self._set_ready(True, "")
+            return
+        self._app.telemetry.audit_outcome(outcome, count)
+        if outcome == "failed" and self._ready and self.queue is not None:
+            self._set_ready(False, f"PostgreSQL: {self.queue.last_error}; records spool")
+
+    def _set_ready(self, ready: bool, detail: str) -> None:
+        self._ready = ready
+        if self._app is not None:
+            self._app.set_ready(self.name, ready, detail)
+
+    # Request path ------------------------------------------------------------
+
+    async def on_complete(self, exchange: Exchange) -> None:
+        route = exchange.route
+        rec: dict[str, Any] = {
+            "id": uuid7(),
+            "occurred_at": exchange.started_at,
+            "request_id": exchange.request_id,
+            "route": exchange.route_name,
+            "method": exchange.method,
+            "path": exchange.path,
+            "status": exchange.status,
+            "duration_ms": round(exchange.duration * 1000, 3),
+            "user_id": exchange.user_id,
+            "org_id": exchange.org_id,
+            "client_ip": exchange.client_ip,
+            "user_agent": exchange.request.headers.get("User-Agent"),
+            "upstream": route.upstream.name if route is not None else None,
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+            "error": exchange.error,
+        }
+        for column in self._drop:
+            del rec[column]
+        try:
+            data = orjson.dumps(rec)
+        except TypeError:  # lone surrogates in a header or path: keep the row, lose the glyph
+            data = orjson.dumps({k: _scrub(v) for k, v in rec.items()})
+        assert self.queue is not None
+        self.queue.put(data)
+
+
+def _scrub(v: Any) -> Any:
+    return v.encode("utf-8", "replace").decode("utf-8") if isinstance(v, str) else v
