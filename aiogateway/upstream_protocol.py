@@ -203,7 +203,9 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason
+        # httptools hands the reason over in pieces as it arrives (unlike
+        # headers, which it accumulates): concatenate.
+        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))

@@ -232,6 +232,33 @@ async def test_read_until_close_http10(raw_server: Callable[[RawHandler], Awaita
     await pool.close()
 
 
+async def test_response_trickled_byte_by_byte(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    response = (
+        b"HTTP/1.1 200 Fine\r\nX-Long-Header: " + b"v" * 40 + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(r)
+            for i in range(len(response)):
+                w.write(response[i : i + 1])
+                await w.drain()
+                await asyncio.sleep(0.0005)
+
+    pool = make_pool(await raw_server(handler))
+    for _ in range(2):
+        resp, body = await fetch(pool)
+        assert resp.reason == "Fine"
+        assert resp.headers[0] == (b"X-Long-Header", b"v" * 40)
+        assert body == b"hello world"
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
 async def test_interim_100_skipped(raw_server: Callable[[RawHandler], Awaitable[str]]) -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         while True:
