@@ -32,6 +32,9 @@ from .upstream_streams import (
     send_body,
 )
 
+# Largest response head (status line + headers, interim responses included).
+MAX_HEAD_BYTES = 64 * 1024
+
 # For upstreams that send "HTTP/1.1 200" with no reason phrase.
 _PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 
@@ -51,6 +54,7 @@ class Connection(asyncio.Protocol):
         "_drain_fut",
         "_got_bytes",
         "_head_fut",
+        "_head_size",
         "_headers",
         "_idle_since",
         "_interim",
@@ -102,6 +106,7 @@ class Connection(asyncio.Protocol):
         self._is_head = False
         self._reusable = True
         self._got_bytes = False
+        self._head_size = 0
         self._consumed = False
         self._reading_paused = False
         self._write_paused = False
@@ -133,6 +138,7 @@ class Connection(asyncio.Protocol):
         self.served += 1
         self._is_head = is_head
         self._got_bytes = False
+        self._head_size = 0
         self._consumed = False
         loop = self._loop
         self._last = now = loop.time()
@@ -172,6 +178,13 @@ class Connection(asyncio.Protocol):
             self._reusable = False  # 101: bytes after the head are not HTTP
         except httptools.HttpParserError as exc:
             self._abort(UpstreamProtocolError(f"malformed upstream response: {exc}"))
+            return
+        if self._head_fut is not None:
+            # Head still incomplete, so all of data was head: llhttp sets no
+            # size limit, an endless head (or 1xx flood) would grow unbounded.
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD_BYTES:
+                self._abort(UpstreamProtocolError("upstream response head too large"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost sorts out the rest

@@ -436,6 +436,23 @@ async def test_malformed_response(raw_server: Callable[[RawHandler], Awaitable[s
     await pool.close()
 
 
+async def test_endless_response_head_rejected(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):
+            w.write(b"X-%d: %s\r\n" % (i, b"h" * 100))
+            await w.drain()
+
+    pool = make_pool(await raw_server(handler))
+    with pytest.raises(UpstreamProtocolError, match="too large"):
+        await fetch(pool)
+    assert pool.stats().active == 0
+    await pool.close()
+
+
 async def test_idle_connection_closed_by_upstream(start_upstream: StartUpstream) -> None:
     up = await start_upstream(lambda r: _ok())
     pool = make_pool(up.url)
