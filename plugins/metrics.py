@@ -127,7 +127,7 @@ class Metrics(Plugin[MetricsConfig]):
             await self._admin.cleanup()
             self._admin = None
         if self._families is not None:
-            self._families.release(app.telemetry)
+            await self._families.release(app.telemetry)
             # _families stays set: requests still finishing on this instance after a
             # reload must lower the in-flight gauge they raised.
 

@@ -23,6 +23,7 @@ worker answers with the totals of all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
@@ -205,14 +206,16 @@ class MetricFamilies:
             if self.multiprocess:
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_every())
 
-    def release(self, telemetry: Telemetry) -> None:
+    async def release(self, telemetry: Telemetry) -> None:
         """A plugin instance shut down: the last one removes the sink and flushes."""
         self.users -= 1
         if self.users == 0:
             telemetry.remove_sink(self)
-            if self._flusher is not None:
-                self._flusher.cancel()
-                self._flusher = None
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
             self.flush()
 
     async def _flush_every(self) -> None:
