@@ -279,12 +279,12 @@ async def test_interim_100_skipped(raw_server: Callable[[RawHandler], Awaitable[
 
 async def test_keepalive_reuse_and_expiry(start_upstream: StartUpstream) -> None:
     up = await start_upstream(lambda r: _ok())
-    pool = make_pool(up.url, keepalive_timeout=0.3)
+    pool = make_pool(up.url, keepalive_timeout=0.5)
     for _ in range(20):
         await fetch(pool)
     assert pool.stats().opened == 1
     assert pool.stats().idle == 1
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(1.2)
     assert pool.stats().idle == 0
     assert pool.stats().closed == 1
     await fetch(pool)
