@@ -1,15 +1,23 @@
 """service-key: a shared secret in a header for internal service-to-service routes.
 
-Keys come from ``keys`` (anonymous), ``key_names`` (caller name -> key or keys,
-so ``exchange.principal`` tells who came in) and ``keys_file``; several keys at
-once allow rotation. A missing or empty header answers 401, a wrong key 403.
-The key header is not forwarded (``strip = true``).
+Keys come from ``keys`` (anonymous), ``key_names`` (caller name -> key or list
+of keys) and ``keys_file``; several keys at once allow rotation.
+``exchange.principal`` is the caller's name, or the plugin instance's name for
+an anonymous key. A missing or empty header answers 401, a wrong key 403. The
+key header is not forwarded (``strip = true``)::
 
-keys_file format, one key per line::
+    [plugins.internal]
+    type = "service-key"
+    keys = ["${INTERNAL_SERVICE_KEY}"]
+    key_names = { billing = ["old-billing-key", "new-billing-key"] }
+    keys_file = "/run/secrets/service-keys"
 
-    # comments and blank lines are ignored
+keys_file format: one key per line, ``<key>`` or ``<name> <key>``; lines
+starting with ``#`` and blank lines are ignored (no trailing comments)::
+
+    # rotated 2026-11
     k3y-without-a-name
-    billing  k3y-of-billing        # "<name> <key>": a named key
+    reports k3y-of-reports
 
 Every presented key is compared with every configured key through
 ``hmac.compare_digest`` of fixed-length HMAC digests: the time taken reveals
