@@ -4,7 +4,20 @@ The config is checked whole at load (allow-list without ``none``, no HS mixed
 with asymmetric algorithms, exactly one key source, key sizes per RFC 7518).
 Verification lives in :mod:`plugins.jwt_verify`, keys and JWKS in
 :mod:`plugins.jwt_keys`. Failures answer 401 with an RFC 6750
-``WWW-Authenticate`` challenge and a generic description.
+``WWW-Authenticate`` challenge and a generic description; a JWKS that never
+loaded answers 503 (the gateway cannot judge the token)::
+
+    [plugins.jwt]
+    type = "jwt-check"
+    algorithms = ["RS256", "ES256"]
+    jwks_url = "https://auth.example.com/.well-known/jwks.json"
+    issuer = "auth-service"
+    audience = ["api"]
+    forward = { sub = "X-User-Id", org_id = "X-Org-Id", role = "X-User-Role" }
+    forward_authorization = false     # the upstream sees identity headers only
+
+The token is read from ``Authorization: Bearer``, else the configured
+``cookie``, else ``query_param``.
 """
 
 from __future__ import annotations
