@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install dev test lint test-tools bench bench-quick clean
+.PHONY: install dev demo test lint test-tools bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check aiogateway plugins tests bench
 	$(BIN)/mypy
 
+# The whole stack, no Docker: PostgreSQL ($$DATABASE_URL or embedded), a Kafka broker
+# ($$KAFKA_BOOTSTRAP_SERVERS or Tansu), the sample services and the gateway on :8002.
+# Ctrl-C stops everything it started.
 dev: $(STAMP)
-	$(BIN)/aiogateway serve --config config.toml
+	$(BIN)/python -m aiogateway.demo.devstack --config config.toml
+
+# The walkthrough (sign up, sign in, /v1/client/me, events, audit rows), printed step
+# by step: against a running `make dev`, else on a stack of its own, stopped after.
+demo: $(STAMP)
+	$(BIN)/python -m aiogateway.demo.devstack --config config.toml --demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
