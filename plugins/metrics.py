@@ -120,7 +120,12 @@ class Metrics(Plugin[MetricsConfig]):
         families.acquire(app.telemetry)
         self._families = families
         if self.config.admin_port is not None:
-            await self._start_admin(self.config.admin_host, self.config.admin_port)
+            try:
+                await self._start_admin(self.config.admin_host, self.config.admin_port)
+            except BaseException:
+                # The gateway only shuts down plugins whose startup succeeded.
+                await families.release(app.telemetry)
+                raise
 
     async def shutdown(self, app: GatewayApp) -> None:
         if self._admin is not None:

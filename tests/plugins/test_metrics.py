@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -524,6 +525,22 @@ async def test_admin_port_serves_metrics_off_the_gateway_port(
         assert r.status == 200
     _, m = await scrape(admin, "/prom")
     assert value(m, "gateway_requests_total", route="users", method="GET", status="200") == 2
+
+
+async def test_admin_port_taken_rejects_the_reload_and_keeps_serving(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
+    port = free_port()
+    gw = await start_gateway(config(recording_upstream.url, metrics=f"admin_port = {port}"))
+    with socket.socket() as other:  # another program's listener, without SO_REUSEPORT
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        assert not await gw.reload(config(recording_upstream.url, metrics=f"admin_port = {taken}"))
+    async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/users") as r:
+        assert r.status == 200
+    _, m = await scrape(f"http://127.0.0.1:{port}")
+    assert value(m, "gateway_requests_total", route="users", method="GET", status="200") == 1
 
 
 async def test_chain_guards_the_endpoint(
