@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import random
 import socket
 import ssl
 import time
@@ -880,3 +881,38 @@ async def test_https_upstream(tmp_path: Path) -> None:
         await pool.close()
     finally:
         await runner.cleanup()
+
+
+async def test_accounting_survives_random_cancellations(start_upstream: StartUpstream) -> None:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(int(request.query.get("n", "1"))):
+            await resp.write(b"p" * 5000)
+            await asyncio.sleep(0.001)
+        return resp
+
+    up = await start_upstream(handler)
+    pool = make_pool(up.url, pool_size=4)
+    rng = random.Random(7)
+
+    async def one(i: int) -> None:
+        body = None if i % 3 else b"b" * 100
+        resp = await pool.request("POST" if body else "GET", b"/?n=%d" % (i % 5), [], body, None)
+        try:
+            await read_all(resp)
+        finally:
+            resp.release()
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(60)]
+    for t in rng.sample(tasks, 20):
+        await asyncio.sleep(rng.random() * 0.01)
+        t.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results)
+    stats = pool.stats()
+    assert stats.active == 0
+    assert stats.opened - stats.closed == stats.idle <= 4
+    await pool.close()
+    assert pool.stats().idle == 0
