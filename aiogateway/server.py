@@ -64,6 +64,7 @@ class Gateway:
         self._ready_owner: dict[str, RouteTable] = {}
         self._retired: weakref.WeakSet[RouteTable] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()  # _retire() of replaced tables
         self._runner: web.ServerRunner | None = None
         self._ws_session: aiohttp.ClientSession | None = None
         self._reload_lock = asyncio.Lock()
@@ -170,7 +171,9 @@ class Gateway:
             self._forget_components(old)
             self.access_log = new.settings.server.access_log
             log.info("config reloaded", extra={"fields": {"routes": len(new.routes)}})
-            self.spawn(self._retire(old, new))
+            retire = asyncio.ensure_future(self._retire(old, new))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
             return True
 
     async def _retire(self, old: RouteTable, new: RouteTable) -> None:
@@ -188,6 +191,10 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # Tables a reload replaced: their requests are over now; let their
+        # plugins shut down (flush) too instead of cancelling that.
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         await self._stop_plugins(self.table)
         for pool in self.table.pools.values():
             await pool.close()
