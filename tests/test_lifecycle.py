@@ -469,3 +469,28 @@ async def test_readyz_forgets_components_of_plugins_removed_by_reload(
 
         # The plugin that reported "dep" is gone with the old table: so is "dep".
         await wait_for(ready, timeout=5, what="/readyz 200 after the reload")
+
+
+async def test_sigterm_right_after_sighup_still_shuts_down_the_old_plugins(
+    gateway_process: StartGatewayProcess,
+    slow_upstream: tuple[SlowUpstream, RunningUpstream],
+    tmp_path: Path,
+) -> None:
+    # The old table's plugins are shut down once its requests finish; a
+    # SIGTERM arriving meanwhile must not skip that (their queues need flushing).
+    marks = tmp_path / "marks"
+    marker = f'\n[plugins.mark]\ntype = "tests.test_lifecycle:Marker"\nfile = "{marks}"\n'
+    slow, up = slow_upstream
+    gp = await gateway_process(make_config(up.url, extra=marker, chain='["mark"]'))
+    async with aiohttp.ClientSession() as s:
+        request = asyncio.create_task(get_status(s, f"{gp.url}/slow"))
+        await asyncio.wait_for(slow.started.wait(), 10)
+        gp.config_path.write_text(
+            make_config(up.url, routes=("/a", "/b"), extra=marker, chain='["mark"]')
+        )
+        gp.send_signal(signal.SIGHUP)
+        await wait_for(lambda: marks.read_text().count("startup") == 2, what="reload")
+        gp.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(request, 10) == 200
+    assert await gp.stop() == 0
+    assert marks.read_text().count("shutdown") == 2, marks.read_text()
