@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError
-from .logs import setup_logging
+from .logs import FLUSH_INTERVAL, flush_logs, setup_logging
 from .server import Gateway
 
 __all__ = ["install_uvloop", "run_gateway"]
@@ -35,6 +35,7 @@ async def _serve(gateway: Gateway) -> int:
     try:
         await gateway.start()
     except ConfigError as exc:
+        flush_logs()
         print(f"aiogateway: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(gateway.table.settings.server.log_level.upper())
@@ -43,11 +44,22 @@ async def _serve(gateway: Gateway) -> int:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
-    await stopping.wait()
-    log.info("stopping: draining in-flight requests")
-    await gateway.stop()
-    log.info("stopped")
+    flusher = asyncio.ensure_future(_flush_logs_periodically())
+    try:
+        await stopping.wait()
+        log.info("stopping: draining in-flight requests")
+        await gateway.stop()
+        log.info("stopped")
+    finally:
+        flusher.cancel()
+        flush_logs()
     return 0
+
+
+async def _flush_logs_periodically() -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        flush_logs()
 
 
 def run_gateway(

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .logs import setup_logging
+from .logs import flush_logs, setup_logging
 
 __all__ = ["supervise"]
 
@@ -89,6 +89,7 @@ class _Supervisor:
             self._watch()
             return self._stop_all()
         finally:
+            flush_logs()
             if self.own_multiproc_dir:
                 shutil.rmtree(self.own_multiproc_dir, ignore_errors=True)
 
@@ -113,6 +114,7 @@ class _Supervisor:
                     time.sleep(1.0)
                 restarts[worker_id] = time.monotonic()
                 self.start_worker(worker_id)
+            flush_logs()
             time.sleep(0.1)
 
     def _stop_all(self) -> int:
