@@ -298,3 +298,28 @@ async def test_kid_of_other_key_type_rejected(
     # An ES256 token naming the RSA key's kid, and an RS256 token naming the EC key's kid.
     for token in (sign(claims(), ec_key, kid="r1"), sign(claims(), rsa_key, kid="e1")):
         assert_rejected(await call(client, gw, token), recording_upstream, "invalid signature")
+
+
+async def test_reload_replaces_keys_and_stops_old_refresher(
+    start_gateway: StartGateway,
+    recording_upstream: RecordingUpstream,
+    client: Any,
+    jwks: JwksServer,
+) -> None:
+    pair = rsa_pair("r1")
+    jwks.keys = [pair.public_jwk]
+    table = jwks_table(jwks.url, cache=100, refresh=0.1)
+    gw = await start_gateway(gateway_config(recording_upstream.url, table))
+    token = sign(claims(), pair)
+    assert (await call(client, gw, token)).status == 200  # verified and cached
+    secret = "another-secret-0123456789abcdefghijkl"
+    assert await gw.reload(
+        gateway_config(recording_upstream.url, f'algorithms = ["HS256"]\nsecret = "{secret}"')
+    )
+    recording_upstream.requests.clear()
+    ans = await call(client, gw, token)  # the old instance's cache does not answer
+    assert_rejected(ans, recording_upstream, "token invalid")
+    assert (await call(client, gw, sign(claims(), secret))).status == 200
+    hits = jwks.hits
+    await asyncio.sleep(0.5)
+    assert jwks.hits == hits  # the replaced instance's refresh task was stopped
