@@ -35,14 +35,21 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import BrokerResponseError, KafkaError, ProducerClosed
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from .cloudevents import unpack
+
+_PARTITIONER = DefaultPartitioner()
+_estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
 
 __all__ = ["EventProducer", "ProducerSettings", "keep_retrying"]
 
 log = logging.getLogger("aiogateway.plugins.kafka_emit")
 
 TOPIC_ALREADY_EXISTS = 36
+# aiokafka's default max_request_size: a larger event can never be sent.
+MAX_EVENT_BYTES = 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,7 @@ class EventProducer:
         self._halted = False
         self._halting: asyncio.Task[None] | None = None
         self._ready: bool | None = None
+        self._partitions: dict[int, dict[bytes, int]] = {}  # partition count -> key -> partition
 
     @property
     def connected(self) -> bool:
@@ -196,9 +204,8 @@ class EventProducer:
         producer = self._producer
         if producer is None or self._halted:
             raise ConnectionError("Kafka producer not connected")
-        handed: list[tuple[bytes, asyncio.Future[Any]]] = []
-        progress = [0]  # records of ``records`` looked at so far
-        work = asyncio.ensure_future(self._hand_over(producer, topic, records, handed, progress))
+        batch = _Handover(producer, topic, records, self._partitions)
+        work = asyncio.ensure_future(batch.run())
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not (work.done() or stop.done()):
@@ -220,54 +227,11 @@ class EventProducer:
             stop.cancel()
             if not work.done():  # we were cancelled ourselves
                 work.cancel()
-        undelivered: list[bytes] = []
-        refused = 0
-        for record, fut in handed:
-            exc = fut.exception() if fut.done() and not fut.cancelled() else ProducerClosed()
-            if exc is None:
-                continue
-            if _refused(exc) and not self._halted:
-                refused += 1
-                log.error("kafka-emit: %s refused an event: %s", topic, exc)
-            else:
-                undelivered.append(record)
-        undelivered.extend(records[progress[0] :])
+        undelivered, refused = batch.outcome(self._halted)
         if refused:
             self._on_refused(topic, refused)
         self._report(not undelivered, "connected" if not undelivered else "delivery failing")
         return undelivered
-
-    async def _hand_over(
-        self,
-        producer: AIOKafkaProducer,
-        topic: str,
-        records: list[bytes],
-        handed: list[tuple[bytes, asyncio.Future[Any]]],
-        progress: list[int],
-    ) -> None:
-        refused = 0
-        for record in records:
-            env = unpack(record)
-            try:
-                fut = await producer.send(
-                    topic,
-                    env.value,
-                    key=env.key,
-                    headers=[("ce_type", env.ce_type), ("ce_id", env.ce_id)],
-                )
-            except KafkaError as exc:
-                if not _refused(exc):
-                    break  # not handed over: this and the rest are retried, in order
-                refused += 1
-                log.error("kafka-emit: dropping an event for %s: %s", topic, exc)
-            else:
-                handed.append((record, fut))
-            progress[0] += 1
-        if refused:
-            self._on_refused(topic, refused)
-        if handed:
-            # asyncio.wait, not gather: our cancellation must not cancel the futures.
-            await asyncio.wait([f for _, f in handed])
 
     # Shutdown -------------------------------------------------------------------
 
@@ -300,3 +264,103 @@ class EventProducer:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+class _Handover:
+    """One delivery call: records into per-partition producer batches, then acks.
+
+    Building aiokafka batches directly (``create_batch``/``send_batch``)
+    instead of one ``send()`` per record saves most of the client's per-record
+    Python work. Keys are partitioned exactly like aiokafka's (and Java's)
+    default partitioner, so a key's events stay in one partition, in order.
+    """
+
+    __slots__ = ("_cache", "handed", "open", "pos", "producer", "records", "refused", "topic")
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        records: list[bytes],
+        cache: dict[int, dict[bytes, int]],
+    ) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.records = records
+        self._cache = cache
+        self.handed: list[tuple[list[bytes], asyncio.Future[Any]]] = []
+        self.open: dict[int, tuple[Any, list[bytes]]] = {}  # partition: (builder, records)
+        self.pos = 0  # records[pos:] not looked at yet
+        self.refused = 0
+
+    async def run(self) -> None:
+        try:
+            partitions = sorted(await self.producer.partitions_for(self.topic))
+            for record in self.records:
+                await self._add(record, partitions)
+                self.pos += 1
+            for part in sorted(self.open):
+                await self._submit(part)
+        except KafkaError as exc:
+            # Not handed over (no metadata, client buffer full): from here on
+            # nothing is sent in this call; outcome() returns it, in order.
+            log.debug("kafka-emit: %s: hand-over stopped: %s", self.topic, exc)
+        if self.handed:
+            # asyncio.wait, not gather: our cancellation must not cancel the futures.
+            await asyncio.wait([f for _, f in self.handed])
+
+    async def _add(self, record: bytes, partitions: list[int]) -> None:
+        env = unpack(record)
+        headers = [("ce_type", env.ce_type), ("ce_id", env.ce_id)]
+        size = _estimate(env.key, env.value, headers)
+        if size > MAX_EVENT_BYTES:
+            self.refused += 1
+            log.error("kafka-emit: %s: dropping a %d-byte event (too large)", self.topic, size)
+            return
+        part = self._partition(env.key, partitions)
+        while True:
+            entry = self.open.get(part)
+            if entry is None:  # an empty batch always takes its first record
+                entry = self.open[part] = (self.producer.create_batch(), [])
+            if (
+                entry[0].append(timestamp=None, key=env.key, value=env.value, headers=headers)
+                is not None
+            ):
+                entry[1].append(record)
+                return
+            await self._submit(part)  # full: send it, the record opens the next one
+
+    async def _submit(self, part: int) -> None:
+        builder, recs = self.open[part]
+        builder.close()
+        fut = await self.producer.send_batch(builder, self.topic, partition=part)
+        del self.open[part]
+        self.handed.append((recs, fut))
+
+    def _partition(self, key: bytes, partitions: list[int]) -> int:
+        # murmur2 is pure Python in aiokafka: cache it (user ids repeat), per partition count.
+        cache = self._cache.setdefault(len(partitions), {})
+        part = cache.get(key)
+        if part is None:
+            if len(cache) > 100_000:
+                cache.clear()
+            part = cache[key] = _PARTITIONER(key, partitions, partitions)
+        return part
+
+    def outcome(self, halted: bool) -> tuple[list[bytes], int]:
+        """(records not delivered, in queue order per partition; records refused)."""
+        undelivered: list[bytes] = []
+        refused = self.refused
+        for recs, fut in self.handed:
+            exc = fut.exception() if fut.done() and not fut.cancelled() else ProducerClosed()
+            if exc is None:
+                continue
+            if _refused(exc) and not halted:
+                refused += len(recs)
+                log.error("kafka-emit: %s refused %d events: %s", self.topic, len(recs), exc)
+            else:
+                undelivered.extend(recs)
+        for _, recs in self.open.values():
+            undelivered.extend(recs)
+        undelivered.extend(self.records[self.pos :])
+        return undelivered, refused

@@ -495,3 +495,58 @@ async def test_spool_cap_drops_are_counted(
     assert counter.events[(topic, "dropped")] > 0
     assert counter.events[(topic, "delivered")] == 0
     assert queue.spooled_bytes <= 65536
+
+
+async def test_oversized_event_is_dropped_and_counted_without_blocking_others(
+    kafka_bootstrap: str, recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    await create_topics(kafka_bootstrap, [topic])
+    huge = "x" * 1_100_000  # past the largest request a producer may send
+    route = f"""
+[[routes]]
+name = "huge"
+path = "/v1/huge"
+upstream = "svc"
+chain = "public"
+event = {{ topic = "{topic}", type = "huge", attributes = {{ blob = "{huge}" }} }}
+"""
+    gw = await start_gateway(config(recording_upstream.url, kafka_bootstrap, topic, routes=route))
+    counter = EventCounter()
+    gw.gateway.telemetry.add_sink(counter)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/v1/huge") as resp:
+            assert resp.status == 200
+        await post_as(http, gw.url, "user-1", "after-huge")
+    [rec] = await consume(kafka_bootstrap, topic, 1)
+    assert orjson.loads(rec.value)["data"]["request_id"] == "after-huge"
+    deadline = asyncio.get_running_loop().time() + 5
+    while counter.events[(topic, "delivered")] < 1:
+        assert asyncio.get_running_loop().time() < deadline, counter.events
+        await asyncio.sleep(0.05)
+    assert counter.events[(topic, "dropped")] == 1
+    assert counter.events[(topic, "delivered")] == 1
+
+
+async def test_reload_keeps_every_event(
+    kafka_bootstrap: str, recording_upstream: RecordingUpstream, start_gateway: StartGateway
+) -> None:
+    topic = topic_name()
+    await create_topics(kafka_bootstrap, [topic])
+    text = config(recording_upstream.url, kafka_bootstrap, topic)
+    gw = await start_gateway(text)
+    async with aiohttp.ClientSession() as http:
+
+        async def load(prefix: str) -> None:
+            for i in range(150):
+                await post_as(http, gw.url, f"user-{i % 3}", f"{prefix}{i:04d}")
+
+        background = asyncio.ensure_future(load("a"))
+        await asyncio.sleep(0.1)
+        assert await gw.reload(text + "\n# reloaded\n")
+        await background
+        await load("b")
+    recs = await consume(kafka_bootstrap, topic, 300, timeout=30)
+    expected = [f"a{i:04d}" for i in range(150)] + [f"b{i:04d}" for i in range(150)]
+    ids = sorted(orjson.loads(r.value)["data"]["request_id"] for r in recs)
+    assert ids == sorted(expected)
