@@ -2,7 +2,7 @@
 
 ``on_complete`` only builds the record (orjson bytes) and puts it on a
 :class:`~aiogateway.delivery.DeliveryQueue`; it never waits on the database.
-The queue's worker writes batches through one round trip each: COPY into a
+The queue's worker writes each batch in one transaction: COPY into a
 per-connection temporary staging table, then ``INSERT … SELECT … ON CONFLICT
 DO NOTHING`` into ``audit_log`` (COPY alone cannot skip rows already there).
 
@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
 import socket
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,13 +67,14 @@ _COLS = ", ".join(COLUMNS)
 _COLLIDED = ", ".join(
     "s.request_id || '#' || s.id::text" if c == "request_id" else f"s.{c}" for c in COLUMNS
 )
-# One round trip: rows new by id go in; a row whose request_id alone collided is
-# kept under a suffixed request_id; rows whose id is already there are replays.
-_INSERT = f"""
-INSERT INTO audit_log ({_COLS}) SELECT {_COLS} FROM {_STAGING} ON CONFLICT DO NOTHING;
-INSERT INTO audit_log ({_COLS}) SELECT {_COLLIDED} FROM {_STAGING} s
- WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.id) ON CONFLICT DO NOTHING;
-"""
+# Rows new by id go in; rows skipped are replays (their id is there) or, rarely,
+# a request_id collision: only then the second statement keeps those under a
+# suffixed request_id (it costs an index probe per row, so it runs on demand).
+_INSERT = f"INSERT INTO audit_log ({_COLS}) SELECT {_COLS} FROM {_STAGING} ON CONFLICT DO NOTHING"
+_INSERT_COLLIDED = (
+    f"INSERT INTO audit_log ({_COLS}) SELECT {_COLLIDED} FROM {_STAGING} s"
+    " WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.id) ON CONFLICT DO NOTHING"
+)
 # Record-specific failures: rejected by PostgreSQL (bad data, a constraint) or by the
 # driver's encoder (a value out of range). The batch is retried row by row and only
 # the bad rows are dropped, so one bad record can never block the queue.
@@ -123,12 +124,15 @@ class AuditLogConfig(PluginConfig):
 
 
 def uuid7() -> str:
-    """A time-ordered UUID (RFC 9562 version 7); random bits from os.urandom (fork-safe)."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & (1 << 48) - 1) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64
-    value |= 0b10 << 62 | rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    """A time-ordered UUID (RFC 9562 version 7), built as text directly (the hook's
+    hot path: ~3x faster than going through ``uuid.UUID``); randomness from os.urandom.
+    """
+    t = f"{time.time_ns() // 1_000_000:012x}"
+    h = os.urandom(10).hex()
+    return f"{t[:8]}-{t[8:]}-7{h[:3]}-{_VARIANT[int(h[3], 16) & 3]}{h[4:7]}-{h[7:19]}"
+
+
+_VARIANT = "89ab"  # the variant bits 10xx
 
 
 def _text(v: Any) -> str | None:
@@ -138,9 +142,11 @@ def _text(v: Any) -> str | None:
     return s.replace("\x00", "\ufffd") if "\x00" in s else s  # PostgreSQL text has no NUL
 
 
-def _inet(v: Any) -> str | None:
+@functools.lru_cache(maxsize=4096)
+def _inet(v: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: client addresses repeat, and parsing one costs more than the rest of a row.
     try:
-        return str(ipaddress.ip_address(v)) if v else None
+        return ipaddress.ip_address(v)
     except ValueError:
         return None  # e.g. a unix-socket peer
 
@@ -149,7 +155,7 @@ def to_row(rec: dict[str, Any]) -> tuple[Any, ...]:
     """A decoded record as a tuple in COLUMNS order, typed for COPY."""
     g = rec.get
     return (
-        uuid.UUID(rec["id"]),
+        rec["id"],  # text: asyncpg's encoder parses and checks it (in C)
         datetime.fromtimestamp(rec["occurred_at"], UTC),
         _text(rec["request_id"]),
         _text(g("route")),
@@ -159,7 +165,7 @@ def to_row(rec: dict[str, Any]) -> tuple[Any, ...]:
         g("duration_ms"),
         _text(g("user_id")),
         _text(g("org_id")),
-        _inet(g("client_ip")),
+        _inet(ip) if isinstance(ip := g("client_ip"), str) and ip else None,
         _text(g("user_agent")),
         _text(g("upstream")),
         g("bytes_in"),
@@ -214,7 +220,9 @@ class AuditWriter:
             await conn.copy_records_to_table(
                 _STAGING, records=rows, columns=COLUMNS, timeout=self.write_timeout
             )
-            await conn.execute(_INSERT, timeout=self.write_timeout)
+            status = await conn.execute(_INSERT, timeout=self.write_timeout)
+            if int(status.rsplit(" ", 1)[1]) < len(rows):  # "INSERT 0 <n>"
+                await conn.execute(_INSERT_COLLIDED, timeout=self.write_timeout)
 
     def _bad(self, n: int) -> None:
         if self.on_bad_record is not None:

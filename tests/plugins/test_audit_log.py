@@ -535,3 +535,18 @@ async def test_writer_drops_only_the_rows_postgresql_rejects(db: str, writer: Au
 async def test_writer_without_pool_raises_so_the_queue_keeps_records() -> None:
     with pytest.raises(ConnectionError):
         await AuditWriter()([record()])
+
+
+def test_uuid7_is_a_valid_time_ordered_uuid() -> None:
+    ids = [uuid7() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    for text in ids[:50]:
+        u = uuid.UUID(text)
+        assert str(u) == text
+        assert u.version == 7
+        assert u.variant == uuid.RFC_4122
+    ms = int(ids[0].replace("-", "")[:12], 16)
+    assert abs(ms / 1000 - time.time()) < 5
+    # Ordered by creation time at millisecond resolution.
+    stamps = [i.replace("-", "")[:12] for i in ids]
+    assert stamps == sorted(stamps)

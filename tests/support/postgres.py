@@ -105,9 +105,12 @@ class PgServer:
                   "--encoding=UTF8", "--no-sync")  # fmt: skip
         return self
 
-    def start(self) -> PgServer:
-        # fsync off: a test server's durability does not matter, its speed does.
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.base} -F -c max_connections=300"
+    def start(self, *, fsync: bool = False) -> PgServer:
+        # fsync off by default: a test server's durability does not matter, its speed
+        # does. Benchmarks turn it on to measure what production would see.
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.base} -c max_connections=300"
+        if not fsync:
+            opts += " -F"
         try:
             self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.base / "log"),
                       "-w", "-t", "30", "-o", opts, "start")  # fmt: skip

