@@ -319,10 +319,12 @@ async def test_no_request_fails_during_reloads_under_load(
 # SIGTERM ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_drains_in_flight_request(
     gateway_process: StartGatewayProcess,
     slow_upstream: tuple[SlowUpstream, RunningUpstream],
     tmp_path: Path,
+    sig: signal.Signals,
 ) -> None:
     marks = tmp_path / "marks"
     marker = f'\n[plugins.mark]\ntype = "tests.test_lifecycle:Marker"\nfile = "{marks}"\n'
@@ -341,7 +343,7 @@ async def test_sigterm_drains_in_flight_request(
         request = asyncio.create_task(slow_request())
         await asyncio.wait_for(slow.started.wait(), 10)
         sent = time.monotonic()
-        gp.send_signal(signal.SIGTERM)
+        gp.send_signal(sig)
         # The listener closes promptly, while the slow request is still running.
         await wait_for(lambda: refuses_connections(gp.port), timeout=1.0, what="listener closed")
         assert not request.done()

@@ -99,6 +99,8 @@ class StreamUpstream:
                 return await self._upload(request, outcome)
             if request.path == "/download":
                 return await self._download(request, outcome)
+            if request.path == "/truncated":
+                return await self._truncated(request, outcome)
             if request.path == "/two-chunks":
                 return await self._two_chunks(request, outcome)
             return web.Response(status=404)
@@ -110,6 +112,17 @@ class StreamUpstream:
 
     async def _upload(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         received = Received()
+        if request.query.get("early"):
+            # Answer at once without reading the body (as a 413 from the service would).
+            return web.json_response({"error": "too big"}, status=413)
+        slow_until = time.monotonic() + float(request.query.get("slow", "0"))
+        while time.monotonic() < slow_until:  # ~2.5 MiB/s at first
+            data = await request.content.read(256 * 1024)
+            if not data:
+                break
+            received.feed(data)
+            outcome.bytes = received.size
+            await asyncio.sleep(0.1)
         async for data in request.content.iter_any():
             received.feed(data)
             outcome.bytes = received.size
@@ -129,6 +142,22 @@ class StreamUpstream:
             outcome.bytes += len(chunk)
         await response.write_eof()
         outcome.completed = True
+        return response
+
+    async def _truncated(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+        """Promise ``size`` bytes (or chunked), send ``cut``, then drop the connection."""
+        size, cut = int(request.query["size"]), int(request.query["cut"])
+        response = web.StreamResponse()
+        if request.query.get("chunked"):
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = size
+        await response.prepare(request)
+        for chunk in payload_chunks(cut):
+            await response.write(chunk)
+            outcome.bytes += len(chunk)
+        assert request.transport is not None
+        request.transport.abort()
         return response
 
     async def _two_chunks(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
@@ -434,3 +463,87 @@ async def test_slow_client_keeps_gateway_memory_flat(
     # gateway's bounded window got ahead of the client.
     assert sent_by_upstream < 64 * MiB, f"upstream sent {sent_by_upstream / MiB:.0f} MiB"
     assert not outcome.completed
+
+
+async def test_slow_upstream_reader_keeps_gateway_memory_flat(
+    gateway_process: StartGatewayProcess,
+    stream_upstream: tuple[StreamUpstream, RunningUpstream],
+) -> None:
+    upstream, up = stream_upstream
+    gp = await gateway_process(config(up.url))
+    total = 128 * MiB
+    sent = [0]
+    async with aiohttp.ClientSession() as session:
+        await warm_up(session, gp.url)
+        with RssSampler(gp.proc.pid) as rss:
+            request = asyncio.create_task(
+                session.post(
+                    f"{gp.url}/upload?slow=3",
+                    data=body_stream(total, sent),
+                    headers={"Content-Length": str(total)},
+                )
+            )
+            await asyncio.sleep(2.5)  # the upstream reads slowly for 3 s
+            outcome = upstream.outcomes[-1]
+            upstream_got = outcome.bytes
+            ahead = sent[0] - upstream_got
+            async with await request as resp:
+                result = await resp.json()
+    print(
+        f"slow upstream: client {ahead / MiB:.1f} MiB ahead of it after 2.5 s,"
+        f" RSS +{rss.growth / MiB:.1f} MiB"
+    )
+    assert result == {"size": total, "crc": expected_crc(total)}
+    assert upstream_got < 16 * MiB  # the upstream really was slow then
+    assert ahead < 48 * MiB, f"client got {ahead / MiB:.0f} MiB ahead of the upstream"
+    assert rss.growth < 16 * MiB, f"RSS grew {rss.growth / MiB:.1f} MiB"
+
+
+async def consume(resp: aiohttp.ClientResponse, received: Received) -> None:
+    async for data in resp.content.iter_any():
+        received.feed(data)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_upstream_dying_mid_body_cuts_the_client_stream(
+    start_gateway: StartGateway,
+    stream_upstream: tuple[StreamUpstream, RunningUpstream],
+    chunked: bool,
+) -> None:
+    # A truncated body must never look complete to the client.
+    _, up = stream_upstream
+    gw = await start_gateway(config(up.url))
+    pool = gw.gateway.table.pools["svc"]
+    query = f"size={8 * MiB}&cut={2 * MiB}" + ("&chunked=1" if chunked else "")
+    received = Received()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gw.url}/truncated?{query}") as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await consume(resp, received)
+        assert received.size <= 2 * MiB
+        await wait_for(lambda: pool.stats().active == 0, what="pool connection closed")
+        # The gateway is fine afterwards.
+        got, _ = await download(session, f"{gw.url}/download?size={MiB}")
+    assert got.size == MiB
+
+
+async def test_upstream_answering_before_reading_the_upload(
+    start_gateway: StartGateway,
+    stream_upstream: tuple[StreamUpstream, RunningUpstream],
+) -> None:
+    _, up = stream_upstream
+    gw = await start_gateway(config(up.url))
+    pool = gw.gateway.table.pools["svc"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    total = 256 * MiB
+    writer.write(b"POST /upload?early=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % total)
+    chunks = payload_chunks(total)
+    for _ in range(8):  # 2 MiB, then wait for the answer
+        writer.write(next(chunks))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.transport.abort()
+    assert head.startswith(b"HTTP/1.1 413 ")
+    # The upstream connection that carried a half-sent body is not reused.
+    await wait_for(lambda: pool.stats().active == 0, what="pool connection closed")
+    assert pool.stats().idle == 0
