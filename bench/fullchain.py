@@ -32,6 +32,7 @@ __all__ = [
     "kafka",
     "missing_plugins",
     "postgres",
+    "served",
     "token",
 ]
 
@@ -157,21 +158,47 @@ async def _count_rows(dsn: str) -> int:
 
 
 async def _count_events(bootstrap: str) -> int:
+    """Records on the bench topic, read from the start (offsets alone miscount on Tansu)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        request_timeout_ms=10_000,
+    )
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(TOPIC) or set()
-        if not parts:
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(TOPIC) or set()
-        tps = [TopicPartition(TOPIC, p) for p in parts]
-        begin = await consumer.beginning_offsets(tps)
+        await consumer.topics()
+        tps = [TopicPartition(TOPIC, p) for p in consumer.partitions_for_topic(TOPIC) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
-        return sum(end[tp] - begin[tp] for tp in tps)
+        count = 0
+        while True:
+            batch = await consumer.getmany(*tps, timeout_ms=500)
+            count += sum(len(records) for records in batch.values())
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                return count
     finally:
         await consumer.stop()
+
+
+def served(url: str, route: str = "bench") -> tuple[int, int]:
+    """(all, 2xx) requests of ``route`` in the gateway's gateway_requests_total."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    total = ok = 0
+    for line in text.splitlines():
+        if line.startswith("gateway_requests_total{") and f'route="{route}"' in line:
+            value = int(float(line.rsplit(" ", 1)[1]))
+            total += value
+            if re.search(r'status="2\d\d"', line):
+                ok += value
+    return total, ok
 
 
 def delivered(dsn: str | None, bootstrap: str | None) -> tuple[int | None, int | None]:
