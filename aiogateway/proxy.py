@@ -18,6 +18,7 @@ from aiohttp import web
 
 from . import errors
 from .accesslog import log_access
+from .chain import EMPTY_CHAIN
 from .exchange import Exchange
 from .headers import REQUEST_DROP, request_id_from, response_headers, upstream_request_headers
 from .pathnorm import BadPath, encode_path, normalize_path
@@ -95,9 +96,11 @@ class ProxyHandler:
                 return self._error(exchange, 400, errors.BAD_REQUEST, str(exc))
             special = self.gateway.special_handler(path)
             if special is not None:
+                chain = EMPTY_CHAIN  # health probes are not traffic
                 return await special(request)
             endpoint = table.endpoints.get(path)
             if endpoint is not None:
+                chain = endpoint[1]
                 return await self._endpoint(exchange, *endpoint)
             match = table.router.match(request.method, path)
             if match is None:
