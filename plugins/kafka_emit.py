@@ -166,6 +166,7 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         self._app: GatewayApp | None = None
         self._spool_root = Path()
         self._starting: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def queues(self) -> dict[str, DeliveryQueue]:
@@ -252,7 +253,9 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         return entry
 
     def _on_state(self, ready: bool, detail: str) -> None:
-        if self._app is not None:
+        # After shutdown began (a reload retiring this instance) the component
+        # name belongs to the successor: stay quiet.
+        if self._app is not None and not self._closing:
             self._app.set_ready(self.name, ready, detail)
 
     def _on_refused(self, topic: str, count: int) -> None:
@@ -265,6 +268,7 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         producer = self._producer
         if producer is None:
             return
+        self._closing = True
         queues = [t.queue for t in self._topics.values()]
         c = self.config
         # The queues get flush_timeout to deliver what they hold; after that the

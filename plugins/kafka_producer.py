@@ -147,6 +147,9 @@ class EventProducer:
             producer = self._new_producer()
             try:
                 await producer.start()
+            except asyncio.CancelledError:
+                await producer.stop()  # a half-started client still holds connections
+                raise
             except Exception as exc:  # unreachable, auth failure, bad TLS: keep trying
                 with contextlib.suppress(Exception):
                     await producer.stop()
