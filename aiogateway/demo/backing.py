@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -167,10 +168,38 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         data = self.base / "data"
+        pid = _postmaster_pid(data)
         if data.exists():
             with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 self._run(self._bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        if pid is not None:
+            # pg_ctl returns once the pid file is gone; the postmaster may live a moment longer.
+            _wait_gone(pid, 10.0)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _postmaster_pid(data: Path) -> int | None:
+    try:
+        return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_gone(pid: int, within: float) -> None:
+    """Until process ``pid`` is gone; SIGKILL it after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # alive, owned by the service user
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.02)
 
 
 class TansuBroker:
