@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -15,6 +16,7 @@ from aiogateway.migrate import (
     rollback_migrations,
     yoyo_url,
 )
+from tests.support.postgres import PgServer
 
 ALL = ["0001_audit_log", "0002_audit_log_indexes"]
 COLUMNS = {
@@ -130,3 +132,14 @@ def test_bad_urls_fail_clearly(postgres_server_url: str) -> None:
     missing = postgres_server_url.rsplit("/", 1)[0] + "/no_such_database"
     with pytest.raises(MigrationError, match="no_such_database"):
         apply_migrations(missing)
+
+
+async def test_a_dedicated_server_can_really_stop_and_start(
+    start_postgres: Callable[[], PgServer],
+) -> None:
+    server = start_postgres()
+    await asyncio.to_thread(server.stop)
+    with pytest.raises(MigrationError, match="cannot connect"):
+        await asyncio.to_thread(apply_migrations, server.url, connect_timeout=2)
+    await asyncio.to_thread(server.start)
+    assert await asyncio.to_thread(apply_migrations, server.url) == ALL

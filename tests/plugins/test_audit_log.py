@@ -62,6 +62,8 @@ class Outcomes:
 
 
 def config(upstream: str, dsn: str, audit: str = "", routes: str = "") -> str:
+    if "flush_interval" not in audit:
+        audit += "\nflush_interval = 0.05"
     return f"""
 [upstreams.app]
 url = "{upstream}"
@@ -73,7 +75,6 @@ connect_timeout = 1
 [plugins.audit]
 type = "audit-log"
 dsn = "{dsn}"
-flush_interval = 0.05
 {audit}
 
 [plugins.reject]
@@ -424,6 +425,43 @@ async def test_down_at_startup_serves_spools_and_counts_drops_past_the_cap(
     assert (await readiness(client, gw))["ready"] is True
 
 
+async def test_sigterm_flushes_memory_to_postgresql(
+    db: str,
+    gateway_process: StartGatewayProcess,
+    recording_upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    # A long flush_interval keeps the rows in memory until shutdown flushes them.
+    text = config(recording_upstream.url, db, audit="flush_interval = 30\nbatch_size = 5000")
+    gp = await gateway_process(text)
+    assert (await load(client, gp.url, 300)).count(200) == 300
+    await asyncio.sleep(0.3)
+    assert await count(db) == (0, 0)
+    assert await gp.stop(signal.SIGTERM) == 0
+    assert await count(db) == (300, 300)
+
+
+async def test_reload_during_outage_hands_the_spool_to_the_new_instance(
+    db: str,
+    start_gateway: StartGateway,
+    start_relay: StartRelay,
+    recording_upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    relay, dsn = await relayed(start_relay, db)
+    text = config(recording_upstream.url, dsn, audit="queue_size = 20")
+    gw = await start_gateway(text)
+    relay.cut()
+    assert (await load(client, gw.url, 200)).count(200) == 200
+    assert await gw.reload(text + "\n# reloaded\n")
+    assert (await load(client, gw.url, 100)).count(200) == 100
+    relay.restore()
+    await rows_reach(db, 300)
+    await asyncio.sleep(0.5)
+    assert await count(db) == (300, 300)
+    assert not await _has_segments(gw.gateway.state_dir / "spool" / "audit")
+
+
 # Startup and configuration ------------------------------------------------------
 
 
@@ -448,6 +486,17 @@ async def test_unusable_dsn_fails_startup_naming_the_key(
     with pytest.raises(ConfigError, match=r"plugins\.audit\.dsn") as err:
         await start_gateway(config(recording_upstream.url, dsn))
     assert re.search(expected, str(err.value)), str(err.value)
+
+
+async def test_unusable_dsn_stops_the_process_with_a_clear_message(
+    database_url: str, gateway_process: StartGatewayProcess, recording_upstream: RecordingUpstream
+) -> None:
+    dsn = database_url.replace("postgres@", "no_such_role@", 1)
+    gp = await gateway_process(config(recording_upstream.url, dsn), wait=False)
+    assert await asyncio.wait_for(gp.proc.wait(), 60) != 0
+    assert "plugins.audit.dsn" in gp.log
+    assert "no_such_role" in gp.log
+    assert "Traceback" not in gp.log
 
 
 @pytest.mark.parametrize(

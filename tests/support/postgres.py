@@ -163,12 +163,14 @@ StartPostgres = Callable[[], PgServer]
 
 
 @pytest.fixture
-def start_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartPostgres]:
+def start_postgres() -> Iterator[StartPostgres]:
     """start_postgres() -> a dedicated, running PgServer the test may stop and start."""
     servers: list[PgServer] = []
 
     def start() -> PgServer:
-        base = Path(tempfile.mkdtemp(prefix="aiogw-pg-", dir=tmp_path_factory.getbasetemp()))
+        # Not under pytest's tmp dir: that one is private to root, the server runs as
+        # another user (and destroy() removes this one).
+        base = Path(tempfile.mkdtemp(prefix="aiogw-pg-"))
         server = PgServer(base).init().start()
         servers.append(server)
         return server
