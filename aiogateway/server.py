@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .config import load_table
+from .docs import DocsService
 from .errors import ConfigError
 from .httpserver import GatewayServer
 from .proxy import ProxyHandler
@@ -69,6 +70,7 @@ class Gateway:
         self._ws_session: aiohttp.ClientSession | None = None
         self._reload_lock = asyncio.Lock()
         self._special: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self.docs = DocsService(self)  # /openapi.json and /docs, regenerated per table
         self.table: RouteTable
         self.port = 0
         self.access_log = True
@@ -114,10 +116,21 @@ class Gateway:
     async def start(self) -> None:
         """Load config.toml, start every plugin, then listen."""
         self.table = load_table(self._config_path, self._env)
+        self.docs.prepare(self.table)
         server_settings = self.table.settings.server
         self.access_log = server_settings.access_log
         await self._start_plugins(self.table)
+        try:
+            await self._listen()
+        except BaseException:
+            # Cannot listen (port taken...): undo what started, as stop() would.
+            await self.stop()
+            raise
+        self.docs.activate(self.table)
         self.set_ready("config", True, str(self._config_path))
+
+    async def _listen(self) -> None:
+        server_settings = self.table.settings.server
         server = GatewayServer(
             ProxyHandler(self),
             handler_cancellation=True,
@@ -126,6 +139,7 @@ class Gateway:
             keepalive_timeout=server_settings.keepalive_timeout,
             max_line_size=server_settings.max_line_size,
             max_field_size=server_settings.max_field_size,
+            header_timeout=server_settings.client_header_timeout,
         )
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=server_settings.shutdown_timeout
@@ -157,6 +171,7 @@ class Gateway:
             readiness = dict(self.readiness), dict(self._ready_owner)
             try:
                 new = load_table(self._config_path, self._env, previous=old)
+                self.docs.prepare(new)
             except ConfigError as exc:
                 log.error("reload rejected, old config kept: %s", exc)
                 return False
@@ -168,6 +183,7 @@ class Gateway:
                 self.readiness, self._ready_owner = readiness
                 return False
             self.table = new
+            self.docs.activate(new)
             self._forget_components(old)
             self.access_log = new.settings.server.access_log
             log.info("config reloaded", extra={"fields": {"routes": len(new.routes)}})
