@@ -38,6 +38,11 @@ async def _serve(gateway: Gateway) -> int:
         flush_logs()
         print(f"aiogateway: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The port is taken, the address is not local...: a message, not a traceback.
+        flush_logs()
+        print(f"aiogateway: cannot start: {exc}", file=sys.stderr)
+        return 1
     logging.getLogger().setLevel(gateway.table.settings.server.log_level.upper())
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -47,6 +52,12 @@ async def _serve(gateway: Gateway) -> int:
     flusher = asyncio.ensure_future(_flush_logs_periodically())
     try:
         await stopping.wait()
+        # From here on, signals change nothing: a repeated SIGTERM/SIGINT must not
+        # kill the exiting process (closing the loop would restore their default
+        # action), nor a late SIGHUP start plugins that stop() has already passed.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         log.info("stopping: draining in-flight requests")
         await gateway.stop()
         log.info("stopped")
