@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import itertools
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -235,8 +238,9 @@ async def test_sighup_adds_a_route(
     # The old table's plugin instance was shut down after the swap, the new one started.
     await wait_for(lambda: marks.read_text().count("shutdown") == 1, what="old plugin shutdown")
     assert marks.read_text().count("startup") == 2
-    assert any(e.get("msg") == "config reloaded" for e in log_entries(gp.log))
     assert await gp.stop() == 0
+    # (Info lines are buffered for up to 100 ms; stopping flushes them.)
+    assert any(e.get("msg") == "config reloaded" for e in log_entries(gp.log))
     lines = marks.read_text().splitlines()
     assert [line.split()[0] for line in lines].count("shutdown") == 2
     assert {line.split()[1] for line in lines} == {str(gp.proc.pid)}
@@ -309,11 +313,11 @@ async def test_no_request_fails_during_reloads_under_load(
     assert errors == []
     assert len(statuses) >= minimum
     assert set(statuses) == {200}
+    assert slow.count == len(statuses)
+    assert await gp.stop() == 0
     entries = log_entries(gp.log)
     assert sum(e.get("msg") == "config reloaded" for e in entries) >= 3
     assert not [e for e in entries if e.get("level") == "error"]
-    assert slow.count == len(statuses)
-    assert await gp.stop() == 0
 
 
 # SIGTERM ----------------------------------------------------------------------
@@ -496,3 +500,52 @@ async def test_sigterm_right_after_sighup_still_shuts_down_the_old_plugins(
         assert await asyncio.wait_for(request, 10) == 200
     assert await gp.stop() == 0
     assert marks.read_text().count("shutdown") == 2, marks.read_text()
+
+
+async def test_port_in_use_exits_with_message_and_plugins_shut_down(
+    gateway_process: StartGatewayProcess,
+    slow_upstream: tuple[SlowUpstream, RunningUpstream],
+    tmp_path: Path,
+) -> None:
+    marks = tmp_path / "marks"
+    marker = f'\n[plugins.mark]\ntype = "tests.test_lifecycle:Marker"\nfile = "{marks}"\n'
+    _, up = slow_upstream
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gp = await gateway_process(
+            make_config(up.url, extra=marker, chain='["mark"]'), port=port, wait=False
+        )
+        code = await asyncio.wait_for(gp.proc.wait(), 30)
+    assert code == 1
+    assert f"cannot start: [Errno {errno.EADDRINUSE}]" in gp.log
+    assert str(port) in gp.log
+    assert "Traceback" not in gp.log
+    # Plugins had started before the listen failed: they were shut down again.
+    assert [line.split()[0] for line in marks.read_text().splitlines()] == [
+        "startup",
+        "shutdown",
+    ]
+
+
+async def test_repeated_sigterm_still_drains_and_exits_0(
+    gateway_process: StartGatewayProcess,
+    slow_upstream: tuple[SlowUpstream, RunningUpstream],
+) -> None:
+    # Process managers and impatient operators signal again; that must neither
+    # cut the drain short nor kill the process while it exits.
+    slow, up = slow_upstream
+    gp = await gateway_process(make_config(up.url, shutdown_timeout=10))
+    async with aiohttp.ClientSession() as s:
+        request = asyncio.create_task(get_status(s, f"{gp.url}/slow"))
+        await asyncio.wait_for(slow.started.wait(), 10)
+        deadline = time.monotonic() + 15
+        signals = itertools.cycle([signal.SIGTERM, signal.SIGINT])
+        while gp.proc.returncode is None:  # every 5 ms until it is gone
+            with contextlib.suppress(ProcessLookupError):
+                gp.send_signal(next(signals))
+            await asyncio.sleep(0.005)
+            assert time.monotonic() < deadline, gp.log
+        assert await request == 200
+    assert gp.proc.returncode == 0, gp.log
