@@ -187,9 +187,7 @@ class Spool:
                 return None
             head = os.pread(fd, HEADER, 0)
             if len(head) < HEADER or head[:8] != MAGIC:
-                log.error("spool: %s is not a spool segment; left in place", path)
-                os.close(fd)
-                return None
+                raise ValueError("not a spool segment")
             ack = _ACK.unpack_from(head, 8)[0]
             end, records = self._scan(fd, ack)
             size = os.fstat(fd).st_size
@@ -197,8 +195,12 @@ class Spool:
                 log.warning("spool: %s: cut %d bytes of a torn last record", path, size - end)
                 os.ftruncate(fd, end)
             key = int(path.name.split("-", 1)[0])
-        except (OSError, ValueError, struct.error):
-            log.exception("spool: cannot adopt %s; left in place", path)
+        except (OSError, ValueError, struct.error) as exc:
+            # Set aside (still locked, so nobody else is renaming it too) for a human,
+            # rather than failing on it again at every scan.
+            log.error("spool: cannot adopt %s (%s); renamed to *.bad", path, exc)
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(path.name + ".bad"))
             os.close(fd)
             return None
         return _Segment(path, fd, key=key, ack=ack, end=end, records=records)

@@ -376,6 +376,24 @@ async def test_torn_last_record_is_cut_at_adoption(tmp_path: Path) -> None:
     assert segments(tmp_path) == []
 
 
+async def test_a_foreign_file_is_set_aside_not_replayed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / f"{1:020d}-1-1.seg").write_bytes(b"something else entirely")
+    sink = FlakySink()
+    q, _ = make_queue(tmp_path, sink, adopt_interval=0.01)
+    with caplog.at_level(logging.ERROR, logger="aiogateway.spool"):
+        await q.start()
+        q.put(b"x")
+        await until(lambda: sink.received == [b"x"])
+        await asyncio.sleep(0.05)  # several rescans
+    await q.close(1)
+    assert [p.name for p in spool_dir.iterdir()] == [f"{1:020d}-1-1.seg.bad"]
+    assert len([m for m in caplog.messages if "cannot adopt" in m]) == 1
+
+
 def test_spool_take_handles_records_larger_than_a_read_chunk(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 30, segment_bytes=1 << 30)
     big = os.urandom(3 << 20)
