@@ -21,6 +21,7 @@ __all__ = [
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
     "PAYLOAD_TOO_LARGE",
+    "REQUEST_TIMEOUT",
     "SERVICE_UNAVAILABLE",
     "TOO_MANY_REQUESTS",
     "UNAUTHORIZED",
@@ -33,6 +34,7 @@ UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
+REQUEST_TIMEOUT = "request_timeout"
 PAYLOAD_TOO_LARGE = "payload_too_large"
 TOO_MANY_REQUESTS = "too_many_requests"
 INTERNAL_ERROR = "internal_error"

@@ -3,11 +3,13 @@
 aiohttp answers requests its parser rejects (bad request line, oversized
 headers, broken chunking) before any handler runs, in plain text. Here those
 answers use the gateway's JSON error shape, and oversized request lines and
-header fields get 414 and 431 instead of a generic 400.
+header fields get 414 and 431 instead of a generic 400. A request head must
+arrive within ``server.client_header_timeout`` (slowloris).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -24,10 +26,42 @@ log = logging.getLogger("aiogateway.http")
 
 
 class _GatewayRequestHandler(RequestHandler):
-    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_line = int(kwargs.get("max_line_size", 8190))
         self._max_field = int(kwargs.get("max_field_size", 8190))
+        self._header_timeout = header_timeout
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # Slowloris guard: a request head that started arriving while the
+        # connection was idle must be complete within header_timeout.
+        # (aiohttp only bounds fully idle keep-alive connections.)
+        idle = self._waiter is not None and not self._waiter.done()
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+        elif idle and self._header_deadline is None and data:
+            self._header_deadline = self._loop.call_later(
+                self._header_timeout, self._header_timed_out
+            )
+
+    def _header_timed_out(self) -> None:
+        self._header_deadline = None
+        if self._waiter is not None and not self._waiter.done():
+            log.debug("closing a connection whose request head took too long")
+            self.force_close()
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        super().connection_lost(exc)
 
     def _too_long(self, exc: LineTooLong) -> tuple[int, str]:
         line, limit = exc.args[0], exc.args[1]
@@ -75,5 +109,11 @@ class _GatewayRequestHandler(RequestHandler):
 class GatewayServer(web.Server):
     """``web.Server`` whose connections use the JSON-error request handler."""
 
+    def __init__(self, *args: Any, header_timeout: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+
     def __call__(self) -> RequestHandler:
-        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _GatewayRequestHandler(
+            self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs
+        )

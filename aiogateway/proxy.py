@@ -214,14 +214,21 @@ class ProxyHandler:
         if not request.body_exists:
             body = None
         elif length is not None and length <= SMALL_BODY:
+            body_timeout = table.settings.server.client_body_timeout
             try:
-                body = await request.content.readexactly(length)
+                if request.content.is_eof():  # all here already: no timer needed
+                    body = await request.content.readexactly(length)
+                else:
+                    async with asyncio.timeout(body_timeout):
+                        body = await request.content.readexactly(length)
             except (asyncio.IncompleteReadError, ConnectionError):
                 exchange.error = "client_abort"
                 return self._error(exchange, 400, errors.BAD_REQUEST, "incomplete request body")
+            except TimeoutError:
+                return self._client_timeout(exchange)
             exchange.bytes_in = length
         else:
-            body = self._stream_body(exchange, limit)
+            body = self._stream_body(exchange, limit, table.settings.server.client_body_timeout)
 
         pool = route.upstream
         exchange.upstream_started = time.perf_counter()
@@ -237,18 +244,28 @@ class ProxyHandler:
             return await self._relay(exchange, upstream)
         return self._body_failed(exchange, limit)
 
+    def _client_timeout(self, exchange: Exchange) -> web.StreamResponse:
+        exchange.error = "client_timeout"
+        response = self._error(
+            exchange, 408, errors.REQUEST_TIMEOUT, "request body not received in time"
+        )
+        response.force_close()
+        return response
+
     def _body_failed(self, exchange: Exchange, limit: int) -> web.StreamResponse:
         if exchange.error == "body_too_large":
             return self._error(
                 exchange, 413, errors.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes"
             )
+        if exchange.error == "client_timeout":
+            return self._client_timeout(exchange)
         exchange.error = exchange.error or "client_abort"
         return self._error(exchange, 400, errors.BAD_REQUEST, "request body not received")
 
     def _upstream_failed(
         self, exchange: Exchange, upstream: str, exc: UpstreamError
     ) -> web.StreamResponse:
-        if exchange.error in ("body_too_large", "client_abort"):
+        if exchange.error in ("body_too_large", "client_abort", "client_timeout"):
             # The pool saw our body iterator fail; that is the real cause.
             return self._body_failed(
                 exchange, exchange.route.max_body_bytes if exchange.route else 0
@@ -277,23 +294,37 @@ class ProxyHandler:
             target = f"{target}?{exchange.query}"
         return target.encode("latin-1")
 
-    async def _stream_body(self, exchange: Exchange, limit: int) -> AsyncIterator[bytes]:
+    async def _stream_body(
+        self, exchange: Exchange, limit: int, gap: float
+    ) -> AsyncIterator[bytes]:
+        """The client's body, chunk by chunk; iterated by the pool's sender task."""
         content = exchange.request.content
+        loop = asyncio.get_running_loop()
         received = 0
-        while True:
-            try:
-                chunk = await content.readany()
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                exchange.error = "client_abort"
-                raise ClientGone from exc
-            if not chunk:
-                return
-            received += len(chunk)
-            exchange.bytes_in = received
-            if limit and received > limit:
-                exchange.error = "body_too_large"
-                raise BodyTooLarge
-            yield chunk
+        # The deadline covers only the wait for the client, never the time the
+        # consumer spends pushing a chunk upstream (it is lifted around yield).
+        # asyncio.timeout raises its TimeoutError at the block's exit.
+        try:
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    deadline.reschedule(loop.time() + gap)
+                    try:
+                        chunk = await content.readany()
+                    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                        exchange.error = "client_abort"
+                        raise ClientGone from exc
+                    deadline.reschedule(None)
+                    if not chunk:
+                        return
+                    received += len(chunk)
+                    exchange.bytes_in = received
+                    if limit and received > limit:
+                        exchange.error = "body_too_large"
+                        raise BodyTooLarge
+                    yield chunk
+        except TimeoutError as exc:
+            exchange.error = "client_timeout"
+            raise ClientGone from exc
 
     async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
         """Stream the upstream's response to the client with backpressure."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "ConfigModel",
+    "DocsSettings",
     "EventSpec",
     "GatewaySettings",
     "RouteSettings",
@@ -45,6 +46,9 @@ class ServerSettings(ConfigModel):
     keepalive_timeout: float = Field(75.0, ge=0, description="Idle client keep-alive, seconds.")
     client_header_timeout: float = Field(
         30.0, gt=0, description="Seconds a client may take to send its request head."
+    )
+    client_body_timeout: float = Field(
+        60.0, gt=0, description="Longest gap between request body bytes (408 past it)."
     )
     max_line_size: int = Field(8190, ge=256, description="Longest request line (414 past it).")
     max_field_size: int = Field(8190, ge=256, description="Longest header (431 past it).")
@@ -132,6 +136,33 @@ class RouteSettings(ConfigModel):
         return self
 
 
+class DocsSettings(ConfigModel):
+    """[docs]: the OpenAPI document and Swagger UI the gateway serves itself."""
+
+    enabled: bool = Field(True, description="Serve the OpenAPI document and Swagger UI.")
+    path: str = Field("/docs", description="Swagger UI page (its assets live below it).")
+    openapi_path: str = Field("/openapi.json", description="The generated OpenAPI document.")
+    chain: str | list[str] | None = Field(
+        None, description="A [chains] name or plugin instances guarding the docs paths."
+    )
+    title: str = Field("aiogateway", description="info.title of the document.")
+    version: str = Field("1.0.0", description="info.version of the document.")
+    description: str = Field("", description="info.description of the document.")
+    fetch_timeout: float = Field(
+        5.0, gt=0, description="Seconds to fetch an upstream's own OpenAPI document."
+    )
+    refresh_interval: float = Field(
+        300.0, ge=0, description="Seconds between refetches of upstream documents (0: never)."
+    )
+
+    @field_validator("path", "openapi_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or v == "/" or v.endswith("/") or any(c in v for c in "?#{} "):
+            raise ValueError("must be a path like /docs: a leading '/', no trailing '/'")
+        return v
+
+
 class GatewaySettings(ConfigModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
@@ -139,3 +170,4 @@ class GatewaySettings(ConfigModel):
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     chains: dict[str, list[str]] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(default_factory=list)
+    docs: DocsSettings = Field(default_factory=DocsSettings)
