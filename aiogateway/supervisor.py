@@ -30,6 +30,24 @@ log = logging.getLogger("aiogateway.supervisor")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (taken, not a local address), or None.
+
+    Workers bind with SO_REUSEPORT, which would happily share a port with
+    another gateway; this probe binds without it, so any listener counts.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -145,4 +163,10 @@ def supervise(config: Path, host: str, port: int, workers: int, shutdown_timeout
     setup_logging("info")
     if port == 0:
         port = _free_port(host)
+    else:
+        # Otherwise every worker fails to bind and is restarted forever.
+        problem = _bind_problem(host, port)
+        if problem is not None:
+            print(f"aiogateway: cannot listen on {host}:{port}: {problem}", file=sys.stderr)
+            return 1
     return _Supervisor(config, host, port, workers, shutdown_timeout).run()
