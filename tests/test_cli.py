@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,23 @@ def test_serve_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
     result = run_cli("serve", "--no-such-flag", cwd=tmp_path)
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_exits_with_message(tmp_path: Path, workers: str) -> None:
+    # With workers > 1 the supervisor must fail too, not restart workers forever.
+    config = write(tmp_path, GOOD)
+    with socket.socket() as taken:
+        # SO_REUSEPORT like another gateway's worker: the new one must not share it.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_cli(
+            "serve", "--config", str(config), "--host", "127.0.0.1", "--port", port,
+            "--workers", workers, cwd=tmp_path, timeout=20,
+        )
+    assert result.returncode == 1
+    assert port in result.stderr
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
