@@ -84,6 +84,9 @@ class AuthState:
         }
 
 
+STATE = web.AppKey("state", AuthState)
+
+
 def _hash(password: str, salt: bytes) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000)
 
@@ -106,8 +109,7 @@ async def _body(request: web.Request, *keys: str) -> dict[str, str] | web.Respon
 
 
 def _state(request: web.Request) -> AuthState:
-    state: AuthState = request.app["state"]
-    return state
+    return request.app[STATE]
 
 
 def _caller(request: web.Request) -> User | web.Response:
@@ -350,7 +352,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 def make_app(secret: str) -> web.Application:
     app = web.Application()
-    app["state"] = AuthState(secret)
+    app[STATE] = AuthState(secret)
     app.add_routes(
         [
             web.post("/v1/client/sign-up", sign_up),
