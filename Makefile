@@ -15,11 +15,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# promtool (Debian's prometheus package) validates /metrics output; best effort.
+# promtool (Debian's prometheus package) validates /metrics output, headless chromium
+# loads /docs; best effort.
 test-tools:
 	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq prometheus >/dev/null) \
 	  || echo "promtool unavailable: its test will be skipped"; } || true
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium unavailable: the /docs browser test will be skipped"; } || true
 
 # The tests start what they need themselves: upstream servers, gateways, an embedded
 # PostgreSQL (unless TEST_DATABASE_URL is reachable) and a Kafka-protocol broker

@@ -1,4 +1,4 @@
-"""The ``aiogateway`` command: serve, check, migrate."""
+"""The ``aiogateway`` command: serve, check, migrate, openapi."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate config.toml and print the route table")
     check.add_argument("--config", type=Path, default=Path("config.toml"))
+
+    openapi = sub.add_parser("openapi", help="print the gateway's OpenAPI document")
+    openapi.add_argument("--config", type=Path, default=Path("config.toml"))
+    openapi.add_argument(
+        "--fetch", action="store_true", help="merge the upstreams' own documents (fetched now)"
+    )
+    openapi.add_argument("--output", type=Path, help="write to this file instead of stdout")
 
     migrate = sub.add_parser("migrate", help="apply the audit-log database migrations")
     migrate.add_argument(
@@ -87,6 +94,31 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _openapi(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import orjson
+
+    from .config import load_table
+    from .docs import fetch_documents
+    from .openapi import build_document
+
+    try:
+        table = load_table(args.config)
+    except ConfigError as exc:
+        print(f"aiogateway: {exc}", file=sys.stderr)
+        return 2
+    docs = table.settings.docs
+    fetched = asyncio.run(fetch_documents(table, docs.fetch_timeout)) if args.fetch else {}
+    text = orjson.dumps(build_document(table, docs, fetched), option=orjson.OPT_INDENT_2) + b"\n"
+    if args.output is not None:
+        args.output.write_bytes(text)
+    else:
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
+    return 0
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from .migrate import apply_migrations, rollback_migrations
 
@@ -108,5 +140,5 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "check": _check, "migrate": _migrate}
+    commands = {"serve": _serve, "check": _check, "migrate": _migrate, "openapi": _openapi}
     return commands[args.command](args)
