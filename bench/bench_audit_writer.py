@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiogateway.exchange import Exchange
 from aiogateway.migrate import apply_migrations
 from aiogateway.telemetry import Telemetry
-from plugins.audit_log import COLUMNS, AuditLog, AuditLogConfig, AuditWriter, to_row, uuid7
+from plugins.audit_log import AuditLog, AuditLogConfig
+from plugins.audit_writer import COLUMNS, AuditWriter, to_row, uuid7
 from tests.support.postgres import PgServer, with_database
 
 __all__ = ["main"]

@@ -28,7 +28,8 @@ from aiogateway.errors import ConfigError, error_response
 from aiogateway.exchange import Exchange
 from aiogateway.migrate import apply_migrations
 from aiogateway.plugin import Plugin, PluginConfig
-from plugins.audit_log import AuditLogConfig, AuditWriter, uuid7
+from plugins.audit_log import AuditLogConfig
+from plugins.audit_writer import AuditWriter, uuid7
 from tests.support.gateway import RunningGateway, StartGateway, StartGatewayProcess
 from tests.support.relay import Relay, StartRelay
 from tests.support.upstreams import RecordingUpstream, StartUpstream
