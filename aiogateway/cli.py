@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             worker_id=args.worker_id,
             reuse_port=args.reuse_port,
+            parent_pid=os.getppid(),  # the supervisor: stop if it dies
         )
     try:
         # The whole table, not only the settings: plugin types, chains and

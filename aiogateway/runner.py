@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ __all__ = ["install_uvloop", "run_gateway"]
 
 log = logging.getLogger("aiogateway.runner")
 
+# Seconds between a supervised worker's checks that its supervisor still lives.
+PARENT_CHECK_INTERVAL = 0.5
+
 
 def install_uvloop() -> bool:
     """Use uvloop when it is installed (the `uvloop` extra): a faster event loop."""
@@ -31,7 +35,7 @@ def install_uvloop() -> bool:
     return True
 
 
-async def _serve(gateway: Gateway) -> int:
+async def _serve(gateway: Gateway, parent_pid: int | None = None) -> int:
     try:
         await gateway.start()
     except ConfigError as exc:
@@ -50,6 +54,9 @@ async def _serve(gateway: Gateway) -> int:
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
     flusher = asyncio.ensure_future(_flush_logs_periodically())
+    orphaned = None
+    if parent_pid is not None:
+        orphaned = asyncio.ensure_future(_watch_parent(parent_pid, stopping))
     try:
         await stopping.wait()
         # From here on, signals change nothing: a repeated SIGTERM/SIGINT must not
@@ -63,8 +70,19 @@ async def _serve(gateway: Gateway) -> int:
         log.info("stopped")
     finally:
         flusher.cancel()
+        if orphaned is not None:
+            orphaned.cancel()
         flush_logs()
     return 0
+
+
+async def _watch_parent(parent_pid: int, stopping: asyncio.Event) -> None:
+    """A supervised worker whose supervisor died (SIGKILL, OOM) stops like on SIGTERM,
+    rather than keep serving unsupervised and hold the port against a restart."""
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event to wait on: poll
+        await asyncio.sleep(PARENT_CHECK_INTERVAL)
+    log.error("supervisor (pid %s) is gone: stopping", parent_pid)
+    stopping.set()
 
 
 async def _flush_logs_periodically() -> None:
@@ -80,8 +98,10 @@ def run_gateway(
     port: int | None = None,
     worker_id: int = 0,
     reuse_port: bool = False,
+    parent_pid: int | None = None,
 ) -> int:
+    """Serve until SIGTERM/SIGINT (or, given ``parent_pid``, until that process is gone)."""
     setup_logging("info")
     install_uvloop()
     gateway = Gateway(config, host=host, port=port, worker_id=worker_id, reuse_port=reuse_port)
-    return asyncio.run(_serve(gateway))
+    return asyncio.run(_serve(gateway, parent_pid))
