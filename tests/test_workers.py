@@ -149,3 +149,28 @@ async def test_both_workers_serve_and_sighup_reloads_each(
             async with s.get(f"{gp.url}/c") as resp:
                 assert resp.status == 200
     assert await gp.stop() == 0
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    gateway_process: StartGatewayProcess, upstream: RunningUpstream
+) -> None:
+    # SIGKILL/OOM gives the supervisor no chance to stop its workers: they must
+    # notice and stop themselves, not keep serving and hold the port.
+    gp = await gateway_process(config(upstream.url), workers=2)
+    pids = await wait_workers(gp)
+    gp.proc.kill()
+    await gp.proc.wait()
+    workers = [psutil.Process(pid) for pid in pids]
+    _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 10)
+    assert not alive, f"workers {[p.pid for p in alive]} outlived their supervisor"
+    assert "supervisor (pid" in gp.log
+    assert await refuses(gp.port)
+
+
+async def refuses(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
