@@ -2,23 +2,23 @@
 
 Delivery guarantee (what a record handed to :meth:`EventProducer.deliver` gets):
 
-* Records are handed to one ``AIOKafkaProducer`` in queue order and their
-  futures awaited together (``send()`` then wait), never one round trip each.
-* A record is reported *undelivered* (so the delivery queue retries it, in
-  order) only when it was never handed to the Kafka client (``send()`` raised:
-  no metadata, buffer full, producer down) or when shutdown stopped the client
-  before it was sent. A record the client accepted is never re-sent by the
-  gateway while the gateway runs: aiokafka's batch expiry is switched off
-  (``_keep_retrying``), so the client retries it itself until it is
-  acknowledged, in order, the way an idempotent producer does.
-* A record the broker *refused* (too large, invalid topic, not authorised) is
-  dropped, logged and counted ``dropped``: retrying cannot help and would stop
-  every later event of the topic.
-* The one window without exactly-once: a produce request in flight when its
-  connection drops may have been written although no answer came back. The
-  client then sends it again (or, at shutdown, it is spooled and replayed), so
-  it can appear twice. ``enable_idempotence = true`` closes that window on
-  brokers that support it (Apache Kafka does; the test broker does not).
+* Records go to one ``AIOKafkaProducer`` as per-partition batches
+  (:mod:`plugins.kafka_handover`), each partition's in order, one batch in
+  flight per partition.
+* Delivered (acknowledged by the broker, per ``acks``): never sent again.
+* Never handed to the client (no metadata, buffer full, producer down), or
+  sent and provably not written: reported undelivered, so the delivery queue
+  retries it, in order (memory, then spool).
+* Sent without an answer (connection dropped, timeout): the partition is read
+  back until the broker answers; written means delivered, not written means
+  retried. So a lost answer duplicates nothing, without broker idempotence.
+* Refused by the broker (too large, invalid topic, not authorised): dropped,
+  logged and counted ``dropped``; retrying cannot help and would stop every
+  later event of the topic.
+* The one window left: at shutdown, a batch whose answer was lost while the
+  broker is still unreachable cannot be verified; it is spooled and may be
+  written twice when replayed. ``enable_idempotence = true`` (Apache Kafka)
+  closes it.
 """
 
 from __future__ import annotations
@@ -26,30 +26,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import BrokerResponseError, KafkaError, ProducerClosed
+from aiokafka.errors import ProducerClosed
 from aiokafka.helpers import create_ssl_context
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from .cloudevents import unpack
+from .kafka_handover import Handover, Verifier, send_once
 
-_PARTITIONER = DefaultPartitioner()
-_estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
-
-__all__ = ["EventProducer", "ProducerSettings", "keep_retrying"]
+__all__ = ["EventProducer", "ProducerSettings"]
 
 log = logging.getLogger("aiogateway.plugins.kafka_emit")
 
 TOPIC_ALREADY_EXISTS = 36
-# aiokafka's default max_request_size: a larger event can never be sent.
-MAX_EVENT_BYTES = 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,26 +84,6 @@ class ProducerSettings:
         return kwargs
 
 
-def keep_retrying(producer: AIOKafkaProducer) -> bool:
-    """Stop aiokafka from expiring accepted batches (False if its internals changed).
-
-    aiokafka fails a batch not acknowledged within request_timeout; re-sending
-    it from the gateway would risk duplicates and reorder it behind newer
-    batches of the same partition. With no expiry the client retries it in
-    order until it is acknowledged (what it does anyway with idempotence on).
-    """
-    acc = getattr(producer, "_message_accumulator", None)
-    if acc is None or not hasattr(acc, "_batch_ttl"):
-        return False
-    acc._batch_ttl = math.inf
-    return True
-
-
-def _refused(exc: BaseException) -> bool:
-    """The broker (or the client's own size check) rejected the record for good."""
-    return isinstance(exc, BrokerResponseError) and not exc.retriable
-
-
 class EventProducer:
     """One AIOKafkaProducer, connected in the background and retried until it is."""
 
@@ -131,6 +103,7 @@ class EventProducer:
         self._halting: asyncio.Task[None] | None = None
         self._ready: bool | None = None
         self._partitions: dict[int, dict[bytes, int]] = {}  # partition count -> key -> partition
+        self._verifier: Verifier | None = None
 
     @property
     def connected(self) -> bool:
@@ -158,8 +131,9 @@ class EventProducer:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if not keep_retrying(producer):
-                log.warning("aiokafka internals changed: accepted events may be retried twice")
+            if not send_once(producer):
+                log.warning("aiokafka internals changed: a lost answer may duplicate events")
+            self._verifier = Verifier(self.settings.connection_kwargs())
             self._producer = producer
             self._report(True, "connected")
             if self.settings.create_topics:
@@ -207,8 +181,10 @@ class EventProducer:
         producer = self._producer
         if producer is None or self._halted:
             raise ConnectionError("Kafka producer not connected")
-        batch = _Handover(producer, topic, records, self._partitions)
-        work = asyncio.ensure_future(batch.run())
+        verifier = self._verifier
+        assert verifier is not None  # set together with _producer
+        batch = Handover(producer, topic, records, self._partitions)
+        work = asyncio.ensure_future(batch.run(verifier))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not (work.done() or stop.done()):
@@ -230,7 +206,9 @@ class EventProducer:
             stop.cancel()
             if not work.done():  # we were cancelled ourselves
                 work.cancel()
-        undelivered, refused = batch.outcome(self._halted)
+        if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
+            log.error("kafka-emit: %s: delivery failed", topic, exc_info=exc)
+        undelivered, refused = batch.outcome()
         if refused:
             self._on_refused(topic, refused)
         self._report(not undelivered, "connected" if not undelivered else "delivery failing")
@@ -267,103 +245,5 @@ class EventProducer:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
-
-
-class _Handover:
-    """One delivery call: records into per-partition producer batches, then acks.
-
-    Building aiokafka batches directly (``create_batch``/``send_batch``)
-    instead of one ``send()`` per record saves most of the client's per-record
-    Python work. Keys are partitioned exactly like aiokafka's (and Java's)
-    default partitioner, so a key's events stay in one partition, in order.
-    """
-
-    __slots__ = ("_cache", "handed", "open", "pos", "producer", "records", "refused", "topic")
-
-    def __init__(
-        self,
-        producer: AIOKafkaProducer,
-        topic: str,
-        records: list[bytes],
-        cache: dict[int, dict[bytes, int]],
-    ) -> None:
-        self.producer = producer
-        self.topic = topic
-        self.records = records
-        self._cache = cache
-        self.handed: list[tuple[list[bytes], asyncio.Future[Any]]] = []
-        self.open: dict[int, tuple[Any, list[bytes]]] = {}  # partition: (builder, records)
-        self.pos = 0  # records[pos:] not looked at yet
-        self.refused = 0
-
-    async def run(self) -> None:
-        try:
-            partitions = sorted(await self.producer.partitions_for(self.topic))
-            for record in self.records:
-                await self._add(record, partitions)
-                self.pos += 1
-            for part in sorted(self.open):
-                await self._submit(part)
-        except KafkaError as exc:
-            # Not handed over (no metadata, client buffer full): from here on
-            # nothing is sent in this call; outcome() returns it, in order.
-            log.debug("kafka-emit: %s: hand-over stopped: %s", self.topic, exc)
-        if self.handed:
-            # asyncio.wait, not gather: our cancellation must not cancel the futures.
-            await asyncio.wait([f for _, f in self.handed])
-
-    async def _add(self, record: bytes, partitions: list[int]) -> None:
-        env = unpack(record)
-        headers = [("ce_type", env.ce_type), ("ce_id", env.ce_id)]
-        size = _estimate(env.key, env.value, headers)
-        if size > MAX_EVENT_BYTES:
-            self.refused += 1
-            log.error("kafka-emit: %s: dropping a %d-byte event (too large)", self.topic, size)
-            return
-        part = self._partition(env.key, partitions)
-        while True:
-            entry = self.open.get(part)
-            if entry is None:  # an empty batch always takes its first record
-                entry = self.open[part] = (self.producer.create_batch(), [])
-            if (
-                entry[0].append(timestamp=None, key=env.key, value=env.value, headers=headers)
-                is not None
-            ):
-                entry[1].append(record)
-                return
-            await self._submit(part)  # full: send it, the record opens the next one
-
-    async def _submit(self, part: int) -> None:
-        builder, recs = self.open[part]
-        builder.close()
-        fut = await self.producer.send_batch(builder, self.topic, partition=part)
-        del self.open[part]
-        self.handed.append((recs, fut))
-
-    def _partition(self, key: bytes, partitions: list[int]) -> int:
-        # murmur2 is pure Python in aiokafka: cache it (user ids repeat), per partition count.
-        cache = self._cache.setdefault(len(partitions), {})
-        part = cache.get(key)
-        if part is None:
-            if len(cache) > 100_000:
-                cache.clear()
-            part = cache[key] = _PARTITIONER(key, partitions, partitions)
-        return part
-
-    def outcome(self, halted: bool) -> tuple[list[bytes], int]:
-        """(records not delivered, in queue order per partition; records refused)."""
-        undelivered: list[bytes] = []
-        refused = self.refused
-        for recs, fut in self.handed:
-            exc = fut.exception() if fut.done() and not fut.cancelled() else ProducerClosed()
-            if exc is None:
-                continue
-            if _refused(exc) and not halted:
-                refused += len(recs)
-                log.error("kafka-emit: %s refused %d events: %s", self.topic, len(recs), exc)
-            else:
-                undelivered.extend(recs)
-        for _, recs in self.open.values():
-            undelivered.extend(recs)
-        undelivered.extend(self.records[self.pos :])
-        return undelivered, refused
+        if self._verifier is not None:
+            await self._verifier.close()

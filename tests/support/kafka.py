@@ -126,11 +126,18 @@ class KafkaBroker:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        try:
-            wait_for_broker(self.host, self.port)
-        except TimeoutError:
-            self.stop()
-            raise
+        deadline = time.monotonic() + 20
+        while not _metadata_ok(self.host, self.port):
+            # Exited (port taken, say): never mistake another broker for ours.
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"Tansu broker on port {self.port} did not start: "
+                    + self.log_path.read_text(errors="replace")[-2000:]
+                )
+            time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Tansu broker on port {self.port} exited at once")
         return self
 
     def stop(self) -> None:
