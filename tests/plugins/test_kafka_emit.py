@@ -550,3 +550,106 @@ async def test_reload_keeps_every_event(
     expected = [f"a{i:04d}" for i in range(150)] + [f"b{i:04d}" for i in range(150)]
     ids = sorted(orjson.loads(r.value)["data"]["request_id"] for r in recs)
     assert ids == sorted(expected)
+
+
+class AnswerEater:
+    """A Kafka-aware TCP proxy that can lose one Produce answer.
+
+    Armed, it lets the next Produce request reach the broker (so it is
+    written) but drops the broker's answer and cuts that connection: the
+    producer cannot know whether its batch was written. Everything else
+    passes through. The broker advertises this proxy's port.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.eaten = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, port: int) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.update((writer, up_writer))
+        api_keys: dict[int, int] = {}  # correlation id -> api key, this connection's
+        for coro in (
+            self._pipe(reader, up_writer, api_keys, requests=True, peer=writer),
+            self._pipe(up_reader, writer, api_keys, requests=False, peer=up_writer),
+        ):
+            task = asyncio.ensure_future(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        api_keys: dict[int, int],
+        *,
+        requests: bool,
+        peer: asyncio.StreamWriter,
+    ) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(4)
+                frame = await reader.readexactly(int.from_bytes(head, "big"))
+                if requests:  # api_key i16, api_version i16, correlation_id i32
+                    api_keys[int.from_bytes(frame[4:8], "big")] = int.from_bytes(frame[:2], "big")
+                else:
+                    api_key = api_keys.pop(int.from_bytes(frame[:4], "big"), -1)
+                    if api_key == 0 and self.armed:  # a Produce answer: lose it
+                        self.armed = False
+                        self.eaten += 1
+                        writer.transport.abort()
+                        peer.transport.abort()
+                        return
+                writer.write(head + frame)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+            peer.transport.abort()
+
+
+async def test_lost_answer_is_verified_not_resent(
+    start_kafka_broker: StartBroker,
+    recording_upstream: RecordingUpstream,
+    start_gateway: StartGateway,
+) -> None:
+    proxy_port = free_port()
+    broker = await start_kafka_broker(advertised_port=proxy_port)
+    proxy = AnswerEater(broker.port)
+    await proxy.start(proxy_port)
+    try:
+        bootstrap = f"127.0.0.1:{proxy_port}"
+        topic = topic_name()
+        await create_topics(bootstrap, [topic])
+        gw = await start_gateway(config(recording_upstream.url, bootstrap, topic))
+        async with aiohttp.ClientSession() as http:
+            await post_as(http, gw.url, "user-1", "r0")
+            await consume(bootstrap, topic, 1)
+            proxy.armed = True  # r1's batch is written, its answer lost
+            await post_as(http, gw.url, "user-1", "r1")
+            deadline = asyncio.get_running_loop().time() + 10
+            while proxy.eaten == 0:
+                assert asyncio.get_running_loop().time() < deadline, "no Produce answer lost"
+                await asyncio.sleep(0.02)
+            await post_as(http, gw.url, "user-1", "r2")
+        recs = await consume(bootstrap, topic, 3, timeout=30)
+        assert [orjson.loads(r.value)["data"]["request_id"] for r in recs] == ["r0", "r1", "r2"]
+    finally:
+        await proxy.close()
