@@ -116,8 +116,10 @@ class _Published:
         self.docs = docs
         self.body = b""
         self.etag = ""
+        self.version = -1  # of the upstream documents cache it was built from
 
-    def rebuild(self, upstream_docs: Mapping[str, JsonDict]) -> None:
+    def rebuild(self, upstream_docs: Mapping[str, JsonDict], version: int) -> None:
+        self.version = version
         try:
             document = build_document(self.table, self.docs, upstream_docs)
         except Exception:  # an upstream document we failed to merge: never lose the rest
@@ -139,6 +141,7 @@ class DocsService:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.cache: dict[str, JsonDict] = {}  # document URL -> last good document
+        self.version = 0  # bumped on every change of the cache
         self._failing: dict[str, str] = {}  # URL -> last error (logged once per change)
         self._published: weakref.WeakKeyDictionary[RouteTable, _Published] = (
             weakref.WeakKeyDictionary()
@@ -169,7 +172,7 @@ class DocsService:
                 f"Swagger UI unavailable: {exc}", file=file, location="docs"
             ) from None
         published = _Published(table, docs)
-        published.rebuild(self.upstream_docs(table))
+        published.rebuild(self.upstream_docs(table), self.version)
         endpoints = {docs.openapi_path: published.serve_document, docs.path: _page(docs)}
         for name, (body, ctype) in assets.items():
             endpoints[f"{docs.path}/{name}"] = _static(body, ctype)
@@ -185,9 +188,11 @@ class DocsService:
         """``table`` is live: (re)start fetching its upstreams' documents in the background."""
         self._stop.set()
         self._stop = asyncio.Event()
-        self._current = self._published.get(table)
-        if self._current is None:
+        self._current = current = self._published.get(table)
+        if current is None:
             return
+        if current.version != self.version:  # a fetch landed since prepare()
+            current.rebuild(self.upstream_docs(table), self.version)
         seen: set[str] = set()
         for name, upstream in table.settings.upstreams.items():
             if upstream.openapi is None:
@@ -232,9 +237,10 @@ class DocsService:
             log.info("upstream %s: OpenAPI document fetched from %s", name, url)
         if self.cache.get(url) != doc:
             self.cache[url] = doc
+            self.version += 1
             current = self._current
             if current is not None:
-                current.rebuild(self.upstream_docs(current.table))
+                current.rebuild(self.upstream_docs(current.table), self.version)
         return True
 
 

@@ -227,8 +227,18 @@ def _finish(route: Route, op: Operation, ctx: MergeContext, ids: set[str]) -> Js
         )
     if default is not None:
         responses["default"] = default
-    out["responses"] = responses
+    out["responses"] = {status: _with_request_id(r) for status, r in responses.items()}
     return out
+
+
+def _with_request_id(response: Any) -> Any:
+    """The response with the X-Request-ID header the gateway adds to every response."""
+    if not isinstance(response, dict) or "$ref" in response:
+        return response  # a reference: siblings are not allowed (ours carry it already)
+    headers = dict(response.get("headers") or {})
+    if not any(h.lower() == REQUEST_ID.lower() for h in headers):
+        headers[REQUEST_ID] = {"$ref": f"#/components/headers/{REQUEST_ID}"}
+    return {**response, "headers": headers}
 
 
 def _generic_description(route: Route, op: Operation) -> str:

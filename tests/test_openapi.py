@@ -34,11 +34,27 @@ from tests.support.upstreams import RunningUpstream, StartUpstream
 SECRET = "s" * 40
 
 
-def _json(schema: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+def ref(schema: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{schema}"}
 
 
-_VALIDATION = {"description": "Validation Error", "content": _json("HTTPValidationError")}
+def reply(description: str, schema: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": ref(schema)}}
+    return out
+
+
+def obj(*required: str, **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def param(name: str, where: str = "path", **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "schema": schema}
+
+
+STRING = {"type": "string"}
+VALIDATION = reply("Validation Error", "HTTPValidationError")
 
 USERS_DOC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -48,93 +64,52 @@ USERS_DOC: dict[str, Any] = {
             "get": {
                 "summary": "Read User",
                 "operationId": "read_user_users__user_id__get",
+                # X-User-Id is set by the gateway from the token: clients cannot send it.
                 "parameters": [
-                    {
-                        "name": "user_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer", "title": "User Id"},
-                    },
-                    # Set by the gateway from the token: clients cannot send it.
-                    {"name": "X-User-Id", "in": "header", "required": False, "schema": {}},
+                    param("user_id", type="integer", title="User Id"),
+                    param("X-User-Id", "header"),
                 ],
-                "responses": {
-                    "200": {"description": "Successful Response", "content": _json("User")},
-                    "422": _VALIDATION,
-                },
+                "responses": {"200": reply("Successful Response", "User"), "422": VALIDATION},
             },
             "delete": {
                 "operationId": "delete_user_users__user_id__delete",
-                "parameters": [{"name": "user_id", "in": "path", "required": True, "schema": {}}],
-                "responses": {"204": {"description": "Deleted"}},
+                "parameters": [param("user_id")],
+                "responses": {"204": reply("Deleted")},
             },
         },
         "/users": {
             "post": {
                 "summary": "Create User",
                 "operationId": "create_user_users_post",
-                "requestBody": {"required": True, "content": _json("UserCreate")},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref("UserCreate")}},
+                },
                 "responses": {
-                    "201": {"description": "Created", "content": _json("User")},
-                    "409": {"description": "Taken", "content": _json("GatewayError")},
-                    "422": _VALIDATION,
+                    "201": reply("Created", "User"),
+                    "409": reply("Taken", "GatewayError"),
+                    "422": VALIDATION,
                 },
             }
         },
         "/internal/stats": {
-            "get": {
-                "operationId": "stats_internal_stats_get",
-                "responses": {"200": {"description": "ok", "content": _json("Stats")}},
-            }
+            "get": {"operationId": "stats", "responses": {"200": reply("ok", "Stats")}}
         },
     },
     "components": {
         "schemas": {
-            "User": {
-                "type": "object",
-                "title": "User",
-                "required": ["id", "email"],
-                "properties": {
-                    "id": {"type": "integer", "title": "Id"},
-                    "email": {"type": "string", "format": "email", "title": "Email"},
-                },
-            },
-            "UserCreate": {
-                "type": "object",
-                "title": "UserCreate",
-                "required": ["email", "password"],
-                "properties": {
-                    "email": {"type": "string", "title": "Email"},
-                    "password": {"type": "string", "title": "Password", "writeOnly": True},
-                },
-            },
+            "User": obj("id", "email", id={"type": "integer"}, email=STRING),
+            "UserCreate": obj("email", "password", email=STRING, password=STRING),
             # Clashes with the gateway's own error schema: must be renamed.
-            "GatewayError": {"type": "object", "properties": {"taken": {"type": "string"}}},
-            "Stats": {"type": "object", "properties": {"count": {"type": "integer"}}},
-            "HTTPValidationError": {
-                "type": "object",
-                "title": "HTTPValidationError",
-                "properties": {
-                    "detail": {
-                        "type": "array",
-                        "items": {"$ref": "#/components/schemas/ValidationError"},
-                        "title": "Detail",
-                    }
-                },
-            },
-            "ValidationError": {
-                "type": "object",
-                "title": "ValidationError",
-                "required": ["loc", "msg", "type"],
-                "properties": {
-                    "loc": {
-                        "type": "array",
-                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                    },
-                    "msg": {"type": "string"},
-                    "type": {"type": "string"},
-                },
-            },
+            "GatewayError": obj(taken=STRING),
+            "Stats": obj(count={"type": "integer"}),
+            "HTTPValidationError": obj(detail={"type": "array", "items": ref("ValidationError")}),
+            "ValidationError": obj(
+                "loc",
+                "msg",
+                loc={"type": "array", "items": {"anyOf": [STRING, {"type": "integer"}]}},
+                msg=STRING,
+            ),
         }
     },
 }
@@ -146,46 +121,23 @@ BILLING_DOC: dict[str, Any] = {
         "/invoices": {
             "get": {
                 "operationId": "listInvoices",
-                "responses": {
-                    "200": {
-                        "description": "ok",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "array",
-                                    "items": {"$ref": "#/components/schemas/Invoice"},
-                                }
-                            }
-                        },
-                    }
-                },
+                "responses": {"200": reply("ok", "Invoice")},
             }
         },
         "/invoices/{invoice_id}": {
-            "parameters": [
-                {"name": "invoice_id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "get": {
-                "operationId": "getInvoice",
-                "responses": {"200": {"description": "ok", "content": _json("Invoice")}},
-            },
+            "parameters": [param("invoice_id", type="string")],
+            "get": {"operationId": "getInvoice", "responses": {"200": reply("ok", "Invoice")}},
         },
     },
     "components": {
         "schemas": {
-            "Invoice": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string"},
-                    "owner": {"$ref": "#/components/schemas/User"},
-                    "total": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
-                },
-            },
+            "Invoice": obj(
+                id=STRING,
+                owner=ref("User"),
+                total={"type": "number", "minimum": 0, "exclusiveMinimum": True},
+            ),
             # Another service's "User": renamed, not mixed up with the users service's.
-            "User": {
-                "type": "object",
-                "properties": {"nickname": {"type": "string", "nullable": True}},
-            },
+            "User": obj(nickname={"type": "string", "nullable": True}),
         }
     },
 }
