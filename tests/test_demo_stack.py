@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -90,6 +93,14 @@ async def test_make_dev_reuses_services_runs_the_walkthrough_and_stops_on_ctrl_c
         w = await run(stack, out=lines.append)
         _assert_walkthrough(w, lines)
         await _run_pasted_walkthrough(banner, tmp_path)
+
+        # `make demo` while `make dev` runs: it uses the running stack, starts nothing.
+        demo = await _launch(tmp_path, _env(), "--demo")
+        demo_out, _ = await asyncio.wait_for(demo.communicate(), 120)
+        assert demo.returncode == 0, demo_out.decode()
+        assert "using the running dev stack" in demo_out.decode()
+        assert f"Walkthrough against {stack.gateway}" in demo_out.decode()
+        assert "starting" not in demo_out.decode()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
@@ -180,9 +191,19 @@ async def _run_pasted_walkthrough(banner: str, tmp_path: Path) -> None:
     assert re.search(r'^gateway_requests_total\{.*route="me",status="200"\}', text, re.MULTILINE)
 
 
+@pytest.fixture
+def outside_tmp() -> Iterator[Path]:
+    """A directory outside pytest's tree: another pytest run resets /tmp/pytest-of-<user>
+    to 0700, which would lock the embedded PostgreSQL's service user out mid-test."""
+    path = Path(tempfile.mkdtemp(prefix="aiogw-devstack-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 async def test_make_demo_on_a_fresh_machine_starts_its_own_postgres_and_broker(
-    tmp_path: Path,
+    outside_tmp: Path,
 ) -> None:
+    tmp_path = outside_tmp
     nowhere = free_port()  # nothing listens here: neither PostgreSQL nor Kafka answers
     env = _env(
         DATABASE_URL=f"postgresql://user:password@127.0.0.1:{nowhere}/gateway_db",
@@ -210,3 +231,24 @@ async def test_make_demo_on_a_fresh_machine_starts_its_own_postgres_and_broker(
         if any(m in cmdline for m in marks):
             leftovers.append(cmdline)
     assert not leftovers
+
+
+async def test_make_dev_refuses_a_busy_port_and_says_which(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        nowhere = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiogateway.demo.devstack", "--config", str(REPO / "config.toml"),
+            "--run-dir", str(tmp_path / ".run"), "--gateway-port", str(port),
+            env=_env(DATABASE_URL=f"postgresql://u:p@127.0.0.1:{nowhere}/d",
+                     KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{nowhere}"),
+            cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert re.search(rf"port\(s\) [\d, ]*\b{port}\b[\d, ]* already in use", out.decode())
+    assert not list((tmp_path / ".run").glob("postgres-*"))

@@ -145,8 +145,12 @@ class EmbeddedPostgres:
             self.base.chmod(0o777)
             self._user = _SERVICE_USER
         data = self.base / "data"
-        self._run(self._bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                  "--encoding=UTF8", "--no-sync")  # fmt: skip
+        try:
+            self._run(self._bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                      "--encoding=UTF8", "--no-sync")  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            why = (exc.stderr or b"").decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"initdb failed in {data}:\n{why}") from exc
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.base} -F"
         try:
             self._run(self._bin("pg_ctl"), "-D", str(data), "-l", str(self.base / "log"),

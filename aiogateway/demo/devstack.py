@@ -143,6 +143,12 @@ class DevStack:
         auth_port = self.port(self.args.auth_port)
         echo_ports = [self.port(p) for p in self.args.echo_ports]
         gw_port = self.port(self.args.gateway_port)
+        busy = [p for p in (gw_port, auth_port, *echo_ports) if backing.pick_port(p) != p]
+        if busy:
+            raise RuntimeError(
+                f"port(s) {', '.join(map(str, busy))} already in use (another `make dev`?); "
+                "stop it, or choose others: --gateway-port, --auth-port, --echo-ports"
+            )
         self.env["AUTH_SERVICE_URL"] = f"http://{host}:{auth_port}"
         for var, port in zip(SERVICE_VARS, echo_ports, strict=True):
             self.env[var] = f"http://{host}:{port}"
