@@ -465,7 +465,8 @@ async def test_a_rejected_token_forwards_nothing(
     gw: RunningGateway, recording_upstream: RecordingUpstream
 ) -> None:
     forged = token()[:-4] + "AAAA"
-    answer = await raw_get(gw.port, b"/me", SPOOFED + f"Authorization: Bearer {forged}\r\n".encode())
+    auth = f"Authorization: Bearer {forged}\r\n".encode()
+    answer = await raw_get(gw.port, b"/me", SPOOFED + auth)
     assert answer.status == 401
     assert recording_upstream.requests == []
 
