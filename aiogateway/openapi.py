@@ -23,10 +23,18 @@ from . import __version__
 from .openapi_merge import MergeContext, Operation, upstream_operations
 
 if TYPE_CHECKING:
+    from .plugin import Plugin, PluginConfig
     from .routes import Route, RouteTable
     from .settings import DocsSettings
 
-__all__ = ["COMMON_METHODS", "ERROR_RESPONSES", "build_document", "security_schemes"]
+__all__ = [
+    "COMMON_METHODS",
+    "ERROR_RESPONSES",
+    "build_document",
+    "component_name",
+    "plugin_schemes",
+    "security_schemes",
+]
 
 JsonDict = dict[str, Any]
 
@@ -50,7 +58,6 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     502: ("GatewayBadGateway", "The upstream is unreachable or reset the connection."),
     504: ("GatewayTimeout", "The upstream did not answer in time."),
 }
-AUTH_TYPES = {"jwt-check", "service-key"}
 
 
 def component_name(name: str) -> str:
@@ -58,34 +65,52 @@ def component_name(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("_") or "x"
 
 
-def security_schemes(table: RouteTable) -> JsonDict:
-    """One security scheme per jwt-check / service-key instance, keyed by instance name."""
-    schemes: JsonDict = {}
-    for name, plugin in table.plugins.items():
-        kind = type(plugin).type_name
-        if kind == "jwt-check":
-            schemes[component_name(name)] = {
-                "type": "http",
-                "scheme": "bearer",
-                "bearerFormat": "JWT",
-                "description": f"Bearer JWT checked by the gateway ({name}).",
-            }
-        elif kind == "service-key":
-            schemes[component_name(name)] = {
+def plugin_schemes(plugin: Plugin[PluginConfig]) -> JsonDict:
+    """The security schemes one auth plugin instance accepts (alternatives), by name.
+
+    jwt-check: a bearer JWT, and the cookie / query parameter it also reads the
+    token from when configured; service-key: an API key in its header.
+    """
+    kind, name, config = type(plugin).type_name, plugin.name, plugin.config
+    key = component_name(name)
+    if kind == "service-key":
+        header = str(getattr(config, "header", "X-Service-Key"))
+        about = f"Service key checked by the gateway ({name})."
+        return {key: {"type": "apiKey", "in": "header", "name": header, "description": about}}
+    if kind != "jwt-check":
+        return {}
+    about = f"JWT checked by the gateway ({name})"
+    out: JsonDict = {
+        key: {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": about}
+    }
+    for where, option, what in (("cookie", "cookie", "cookie"), ("query", "query_param", "query")):
+        value = getattr(config, option, None)
+        if isinstance(value, str) and value:
+            out[f"{key}_{where}"] = {
                 "type": "apiKey",
-                "in": "header",
-                "name": str(getattr(plugin.config, "header", "X-Service-Key")),
-                "description": f"Service key checked by the gateway ({name}).",
+                "in": where,
+                "name": value,
+                "description": f"{about}, in the {what} {value!r}.",
             }
+    return out
+
+
+def security_schemes(table: RouteTable) -> JsonDict:
+    """Every auth plugin instance's schemes, keyed by instance name (``jwt``, ``jwt_cookie``)."""
+    schemes: JsonDict = {}
+    for plugin in table.plugins.values():
+        schemes.update(plugin_schemes(plugin))
     return schemes
 
 
 def _chain_security(route: Route) -> list[JsonDict] | None:
-    """The route's security requirement (every auth plugin of its chain must pass)."""
-    required: JsonDict = {
-        component_name(p.name): [] for p in route.chain.plugins if type(p).type_name in AUTH_TYPES
-    }
-    return [required] if required else None
+    """The route's security: every auth plugin of its chain must pass, each in any of its ways."""
+    requirements: list[JsonDict] = [{}]
+    for plugin in route.chain.plugins:
+        ways = list(plugin_schemes(plugin))
+        if ways:
+            requirements = [{**req, way: []} for req in requirements for way in ways]
+    return requirements if requirements != [{}] else None
 
 
 def _base_components() -> JsonDict:

@@ -35,6 +35,8 @@ __all__ = ["MergeContext", "Operation", "normalize_document", "upstream_operatio
 
 JsonDict = dict[str, Any]
 
+# Plugin types whose presence in a chain replaces the upstream's own security.
+AUTH_TYPES = frozenset({"jwt-check", "service-key"})
 OPERATION_KEYS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -265,7 +267,7 @@ def _operations(
         body = {k: v for k, v in op.items() if k not in ("servers", "parameters", "security")}
         body["parameters"] = merged
         security = op.get("security", doc.get("security"))
-        auth = any(type(p).type_name in ("jwt-check", "service-key") for p in route.chain.plugins)
+        auth = any(type(p).type_name in AUTH_TYPES for p in route.chain.plugins)
         if security is not None and not auth:
             body["security"] = [
                 {ctx.name_for(upstream, "securitySchemes", n): s for n, s in req.items()}

@@ -312,6 +312,36 @@ max_body_bytes = 0
     assert len(ids) == len(set(ids))
 
 
+def test_security_alternatives_and_combinations(tmp_path: Path) -> None:
+    text = f"""
+[upstreams.app]
+url = "http://127.0.0.1:9"
+[plugins.jwt]
+type = "jwt-check"
+secret = "{SECRET}"
+algorithms = ["HS256"]
+cookie = "session"
+[plugins.internal]
+type = "service-key"
+keys = ["k3y"]
+[[routes]]
+path = "/both"
+upstream = "app"
+chain = ["jwt", "internal"]
+"""
+    table = table_of(tmp_path, text)
+    doc = build_document(table, table.settings.docs)
+    validate(doc)
+    cookie = doc["components"]["securitySchemes"]["jwt_cookie"]
+    assert (cookie["type"], cookie["in"], cookie["name"]) == ("apiKey", "cookie", "session")
+    assert doc["components"]["securitySchemes"]["internal"]["name"] == "X-Service-Key"
+    # Both plugins must pass; the token may come either way.
+    assert doc["paths"]["/both"]["get"]["security"] == [
+        {"jwt": [], "internal": []},
+        {"jwt_cookie": [], "internal": []},
+    ]
+
+
 def test_shipped_config_documents_every_route(tmp_path: Path) -> None:
     table = load_table(REPO / "config.toml", {"JWT_SECRET": SECRET})
     doc = build_document(table, table.settings.docs)
