@@ -131,7 +131,8 @@ class EventProducer:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if not send_once(producer):
+            # With idempotence the client's own retries are safe (and needed).
+            if not self.settings.enable_idempotence and not send_once(producer):
                 log.warning("aiokafka internals changed: a lost answer may duplicate events")
             self._verifier = Verifier(self.settings.connection_kwargs())
             self._producer = producer
