@@ -53,8 +53,9 @@ JsonDict = dict[str, Any]
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 ASSET_PACKAGE = "flask_swagger_ui"  # its dist/ is swagger-ui-dist, verbatim
+JAVASCRIPT = "application/javascript"
 ASSETS = {
-    "swagger-ui-bundle.js": "application/javascript",
+    "swagger-ui-bundle.js": JAVASCRIPT,
     "swagger-ui.css": "text/css",
     "favicon-32x32.png": "image/png",
 }
@@ -177,7 +178,7 @@ class DocsService:
         for name, (body, ctype) in assets.items():
             endpoints[f"{docs.path}/{name}"] = _static(body, ctype)
         endpoints[f"{docs.path}/swagger-ui-init.js"] = _static(
-            _init_script(docs), ASSETS_JS, "no-cache"
+            _init_script(docs), JAVASCRIPT, "no-cache"
         )
         _check_paths(table, endpoints, file)
         for path, handler in endpoints.items():
@@ -244,9 +245,6 @@ class DocsService:
         return True
 
 
-ASSETS_JS = "application/javascript"
-
-
 def _guard_chain(table: RouteTable, spec: str | list[str] | None, file: str) -> Chain:
     if spec is None:
         return EMPTY_CHAIN
@@ -296,7 +294,7 @@ def _static(body: bytes, content_type: str, cache: str = "public, max-age=86400"
             return web.Response(status=304, headers=headers)
         response = web.Response(body=body, headers=headers)
         response.content_type = content_type
-        if content_type.startswith(("text/", "application/javascript")):
+        if content_type.startswith(("text/", JAVASCRIPT)):
             response.charset = "utf-8"
         return response
 

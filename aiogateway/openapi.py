@@ -312,7 +312,7 @@ def _parameters(route: Route, op: Operation, given: list[Any], table: RouteTable
         if isinstance(p, dict) and p.get("in") == "header":
             name = str(p.get("name", ""))
             if name.lower().encode("latin-1", "replace") in dropped:
-                continue  # SECURITY docs: the gateway strips or sets this header itself
+                continue  # stripped or set by the gateway: a client cannot send it
             have_request_id = have_request_id or name.lower() == REQUEST_ID.lower()
         if isinstance(p, dict) and p.get("in") == "path":
             if p.get("name") not in op.params:

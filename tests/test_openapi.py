@@ -516,6 +516,26 @@ async def test_upstream_down_at_startup_then_merged_when_it_comes_up(
         await runner.cleanup()
 
 
+async def test_unusable_upstream_documents_are_skipped_and_logged(
+    start_gateway: StartGateway, start_upstream: StartUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    swagger2 = await start_upstream(service_app({"swagger": "2.0", "paths": {}}))
+
+    async def broken(request: web.BaseRequest) -> web.Response:
+        return web.Response(status=500, text="boom")
+
+    failing = await start_upstream(broken)
+    gw = await start_gateway(config(swagger2.url, failing.url))
+    deadline = asyncio.get_running_loop().time() + 10
+    while "HTTP 500" not in caplog.text or "unsupported OpenAPI version" not in caplog.text:
+        assert asyncio.get_running_loop().time() < deadline, caplog.text
+        await asyncio.sleep(0.1)
+    doc = await get_document(gw.url)
+    validate(doc)
+    assert "/v1/billing/{path}" in doc["paths"]  # generated from config alone
+    assert doc["paths"]["/v1/users/{id}"]["get"]["summary"] == "read-user"
+
+
 async def test_stale_copy_kept_when_upstream_goes_down_and_on_reload(
     start_gateway: StartGateway, start_upstream: StartUpstream
 ) -> None:
