@@ -107,6 +107,8 @@ def summarize(raw: Path, top: int = 15) -> Profile:
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
+        if _BLOCKED.search(stack):
+            continue  # a thread parked on a lock (log/executor threads): not CPU
         raw_frames = stack.split(";")
         frames = [_name(f) for f in raw_frames]
         total += count
@@ -125,6 +127,9 @@ def summarize(raw: Path, top: int = 15) -> Profile:
     comps = [(n, c / total) for n, c in comp_c.most_common()]
     return Profile(total, selfs, ours, comps)
 
+
+# Native samples of threads waiting on a lock: py-spy --native counts them, they burn nothing.
+_BLOCKED = re.compile(r"PyThread_acquire_lock_timed|pthread_cond_(timed)?wait|sem_(timed)?wait")
 
 # Frames every sample passes through: the process entry, not the request path.
 _ENTRY = re.compile(r"\(aiogateway/(__main__|cli|runner)\.py\)")
