@@ -44,6 +44,7 @@ url = "http://127.0.0.1:1"
 type = "kafka-emit"
 bootstrap_servers = "{bootstrap}"
 batch_size = {batch}
+max_batch_size = {max_batch}
 queue_size = {queue}
 [[routes]]
 methods = ["DELETE"]
@@ -85,12 +86,16 @@ class Delivered:
         return lambda *args: None  # the other TelemetrySink reports
 
 
-async def run(n: int, bootstrap: str, batch: int) -> None:
+async def run(n: int, bootstrap: str, batch: int, max_batch: int) -> None:
     topic = f"bench-{time.monotonic_ns()}"
     await create_topics(bootstrap, [topic], partitions=3)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.toml"
-        path.write_text(CONFIG.format(bootstrap=bootstrap, topic=topic, batch=batch, queue=n + 1))
+        path.write_text(
+            CONFIG.format(
+                bootstrap=bootstrap, topic=topic, batch=batch, queue=n + 1, max_batch=max_batch
+            )
+        )
         table = load_table(path, {})
         plugin = table.plugins["events"]
         assert isinstance(plugin, KafkaEmit)
@@ -122,7 +127,7 @@ async def run(n: int, bootstrap: str, batch: int) -> None:
         await plugin.shutdown(app)
     recs = await consume(bootstrap, topic, n, timeout=120)
     assert len(recs) == n, len(recs)
-    print(f"events: {n}, batch_size {batch}, 3 partitions, acks=all")
+    print(f"events: {n}, batch_size {batch}, max_batch_size {max_batch}, 3 partitions, acks=all")
     print(f"on_complete: {hook / n * 1e6:.1f} us/event")
     print(f"end to end:  {n / total:,.0f} events/s ({total:.2f} s: hooks, then delivery)")
     drain = total - hook
@@ -134,7 +139,8 @@ async def run(n: int, bootstrap: str, batch: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=50_000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=500, help="events per delivery")
+    parser.add_argument("--max-batch", type=int, default=65536, help="producer batch bytes")
     parser.add_argument("--bootstrap", help="an existing broker (default: start Tansu)")
     args = parser.parse_args()
     broker = None
@@ -143,7 +149,7 @@ def main() -> None:
         broker = KafkaBroker().start()
         bootstrap = broker.bootstrap
     try:
-        asyncio.run(run(args.n, bootstrap, args.batch))
+        asyncio.run(run(args.n, bootstrap, args.batch, args.max_batch))
     finally:
         if broker is not None:
             broker.close()
