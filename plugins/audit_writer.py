@@ -20,6 +20,7 @@ never block the queue behind it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -43,6 +44,7 @@ COLUMNS = (
 KEY_COLUMNS = frozenset({"id", "occurred_at", "request_id"})  # always recorded
 _MAX_TEXT = 2048  # longest user_agent / path kept; a row is no place for megabytes
 _STAGING = "audit_log_staging"
+_MIN_CHUNK = 100  # rows: a smaller share of a batch is not worth another connection
 _COLS = ", ".join(COLUMNS)
 _COLLIDED = ", ".join(
     "s.request_id || '#' || s.id::text" if c == "request_id" else f"s.{c}" for c in COLUMNS
@@ -121,10 +123,15 @@ def to_row(rec: dict[str, Any]) -> tuple[Any, ...]:
 class AuditWriter:
     """The queue's sink: writes batches of records into ``audit_log``; usable alone (bench)."""
 
-    def __init__(self, write_timeout: float = 30.0, acquire_timeout: float = 5.0) -> None:
+    def __init__(
+        self, write_timeout: float = 30.0, acquire_timeout: float = 5.0, parallel: int = 1
+    ) -> None:
         self.pool: asyncpg.Pool | None = None
         self.write_timeout = write_timeout
         self.acquire_timeout = acquire_timeout
+        # A batch is split over up to this many connections, one transaction each:
+        # rows need no order, and PostgreSQL overlaps one's commit with another's work.
+        self.parallel = parallel
         # Told how many records could never be written (bad data): they are dropped.
         self.on_bad_record: Callable[[int], None] | None = None
 
@@ -136,15 +143,32 @@ class AuditWriter:
         )
 
     async def __call__(self, records: list[bytes]) -> list[bytes]:
+        """Write ``records``; return those not written (raise if none could be)."""
         if self.pool is None:
             raise ConnectionError("not connected to PostgreSQL yet")
-        rows: list[tuple[Any, ...]] = []
+        decoded: list[tuple[bytes, tuple[Any, ...]]] = []
         for r in records:
             try:
-                rows.append(to_row(orjson.loads(r)))
+                decoded.append((r, to_row(orjson.loads(r))))
             except (ValueError, KeyError, TypeError, OverflowError):
                 log.error("audit record cannot be decoded; dropped: %.200r", r)
                 self._bad(1)
+        n = max(1, min(self.parallel, len(decoded) // _MIN_CHUNK))
+        chunks = [decoded[i::n] for i in range(n)]
+        results = await asyncio.gather(
+            *(self._write_chunk([row for _, row in c]) for c in chunks), return_exceptions=True
+        )
+        undelivered: list[bytes] = []
+        error: BaseException | None = None
+        for chunk, result in zip(chunks, results, strict=True):
+            if isinstance(result, BaseException):
+                error = error or result
+                undelivered.extend(r for r, _ in chunk)
+        if error is not None and len(undelivered) == len(decoded):
+            raise error  # nothing written: the queue logs why and retries
+        return undelivered
+
+    async def _write_chunk(self, rows: list[tuple[Any, ...]]) -> None:
         try:
             await self._write(rows)
         except _DATA_ERRORS as exc:
@@ -155,7 +179,6 @@ class AuditWriter:
                 except _DATA_ERRORS as exc1:
                     log.error("audit row rejected by PostgreSQL; dropped: %s: %r", exc1, row)
                     self._bad(1)
-        return []
 
     async def _write(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
