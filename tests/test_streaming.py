@@ -547,3 +547,30 @@ async def test_upstream_answering_before_reading_the_upload(
     # The upstream connection that carried a half-sent body is not reused.
     await wait_for(lambda: pool.stats().active == 0, what="pool connection closed")
     assert pool.stats().idle == 0
+
+
+@pytest.mark.xfail(
+    reason="proxy.py _proxy() never answers 'Expect: 100-continue' (aiohttp's low-level "
+    "web.Server does not either), so such clients (curl for bodies > 1 MiB) stall for "
+    "their expect timeout before sending the body",
+    strict=True,
+)
+async def test_expect_100_continue_gets_an_interim_response(
+    start_gateway: StartGateway,
+    stream_upstream: tuple[StreamUpstream, RunningUpstream],
+) -> None:
+    _, up = stream_upstream
+    gw = await start_gateway(config(up.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.9)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.transport.abort()
