@@ -97,7 +97,9 @@ class ProxyHandler:
             special = self.gateway.special_handler(path)
             if special is not None:
                 chain = EMPTY_CHAIN  # health probes are not traffic
-                return await special(request)
+                response = await special(request)
+                exchange.status = response.status
+                return response
             endpoint = table.endpoints.get(path)
             if endpoint is not None:
                 chain = endpoint[1]
