@@ -574,3 +574,34 @@ async def test_expect_100_continue_gets_an_interim_response(
         assert head.startswith(b"HTTP/1.1 200 ")
     finally:
         writer.transport.abort()
+
+
+async def test_read_until_close_upstream_body_is_streamed_whole(
+    start_gateway: StartGateway,
+) -> None:
+    # An HTTP/1.0-style upstream: no Content-Length, no chunking, the end is EOF.
+    total = 8 * MiB + 7
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+        for chunk in payload_chunks(total):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await start_gateway(config(f"http://127.0.0.1:{port}"))
+        async with aiohttp.ClientSession() as session:
+            received, resp = await download(session, f"{gw.url}/anything")
+            assert "Content-Length" not in resp.headers
+            assert resp.headers["Transfer-Encoding"] == "chunked"
+            assert (received.size, received.crc) == (total, expected_crc(total))
+            # The gateway's client connection stays usable after it.
+            again, _ = await download(session, f"{gw.url}/anything")
+            assert again.size == total
+    finally:
+        server.close()
+        await server.wait_closed()
