@@ -426,6 +426,34 @@ async def test_down_at_startup_serves_spools_and_counts_drops_past_the_cap(
     assert (await readiness(client, gw))["ready"] is True
 
 
+async def test_two_workers_share_the_spool_dir_and_replay_exactly(
+    db: str,
+    gateway_process: StartGatewayProcess,
+    start_relay: StartRelay,
+    recording_upstream: RecordingUpstream,
+    tmp_path: Path,
+) -> None:
+    relay, dsn = await relayed(start_relay, db)
+    spool = tmp_path / "audit-spool"
+    text = config(recording_upstream.url, dsn, audit=f'spool_dir = "{spool}"\nqueue_size = 20')
+    gp = await gateway_process(text, workers=2)
+    relay.cut()
+    # New connections each time, so SO_REUSEPORT spreads them over both workers.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as c:
+        assert (await load(c, gp.url, 400, concurrency=8)).count(200) == 400
+    assert await gp.stop(signal.SIGTERM) == 0
+    owners = {p.name.split("-")[1] for p in spool.glob("*.seg")}
+    assert len(owners) == 2  # both workers spooled, each in its own files
+
+    relay.restore()
+    gp2 = await gateway_process(text, workers=2)
+    await rows_reach(db, 400)
+    await asyncio.sleep(0.5)
+    assert await count(db) == (400, 400)
+    assert not await _has_segments(spool)
+    assert await gp2.stop() == 0
+
+
 async def test_sigterm_flushes_memory_to_postgresql(
     db: str,
     gateway_process: StartGatewayProcess,
