@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import ConfigError
+
 __all__ = [
     "ConfigModel",
     "DocsSettings",
@@ -171,3 +173,28 @@ class GatewaySettings(ConfigModel):
     chains: dict[str, list[str]] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(default_factory=list)
     docs: DocsSettings = Field(default_factory=DocsSettings)
+
+    @model_validator(mode="after")
+    def _docs_references(self) -> GatewaySettings:
+        """[docs] against the rest, at load: ``check``, ``serve`` and reloads all see it."""
+        spec, where = self.docs.chain, "docs.chain"
+        if isinstance(spec, str) and spec not in self.chains:
+            known = ", ".join(self.chains) or "none"
+            raise ConfigError(f"unknown chain {spec!r} (known: {known})", location=where)
+        for i, name in enumerate(spec if isinstance(spec, list) else []):
+            if name not in self.plugins:
+                known = ", ".join(self.plugins) or "none"
+                raise ConfigError(
+                    f"unknown plugin instance {name!r} (known: {known})", location=f"{where}[{i}]"
+                )
+        if self.docs.path == self.docs.openapi_path:
+            raise ConfigError("must differ from docs.path", location="docs.openapi_path")
+        served = {self.docs.path: "docs.path", self.docs.openapi_path: "docs.openapi_path"}
+        for i, route in enumerate(self.routes if self.docs.enabled else []):
+            if route.path in served:
+                raise ConfigError(
+                    f"{route.path} is served by the gateway's docs: route routes[{i}] "
+                    "cannot use it (move the docs, or set docs.enabled = false)",
+                    location=served[route.path],
+                )
+        return self

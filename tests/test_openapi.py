@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
+from aiogateway.cli import main as cli_main
 from aiogateway.config import load_table
 from aiogateway.errors import ConfigError
 from aiogateway.openapi import build_document
@@ -580,13 +581,22 @@ async def test_docs_disabled_guarded_and_moved(
 
 
 async def test_bad_docs_config_is_located(
-    tmp_path: Path, start_gateway: StartGateway, services: tuple[RunningUpstream, RunningUpstream]
+    tmp_path: Path,
+    start_gateway: StartGateway,
+    services: tuple[RunningUpstream, RunningUpstream],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     users, billing = services
     path = tmp_path / "bad.toml"
     path.write_text(config(users.url, billing.url, docs='chain = "nope"'))
     with pytest.raises(ConfigError, match=r"bad\.toml: docs\.chain: unknown chain 'nope'"):
         await Gateway(path, env=dict(os.environ), host="127.0.0.1", port=0).start()
+    # `check` (and so `serve`, before any worker starts) says the same.
+    assert cli_main(["check", "--config", str(path)]) == 2
+    assert "bad.toml: docs.chain: unknown chain 'nope'" in capsys.readouterr().err
+    path.write_text(config(users.url, billing.url, docs='openapi_path = "/docs"'))
+    assert cli_main(["check", "--config", str(path)]) == 2
+    assert "docs.openapi_path: must differ from docs.path" in capsys.readouterr().err
     gw = await start_gateway(config(users.url, billing.url))
     clash = '[[routes]]\nname = "x"\npath = "/docs"\nupstream = "users"\n'
     assert not await gw.reload(config(users.url, billing.url, routes=clash))
