@@ -605,3 +605,37 @@ async def test_read_until_close_upstream_body_is_streamed_whole(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_upstream_dropping_an_upload_midway_gives_502(
+    start_gateway: StartGateway,
+) -> None:
+    total = 64 * MiB
+    dropped = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(MiB)
+        writer.transport.abort()  # reset while the body is still coming
+        dropped.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await start_gateway(config(f"http://127.0.0.1:{port}"))
+        pool = gw.gateway.table.pools["svc"]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{gw.url}/upload",
+                data=body_stream(total),
+                headers={"Content-Length": str(total)},
+            ) as resp:
+                assert resp.status == 502
+                body = await resp.json()
+            assert body["error"] == "bad_gateway"
+            assert body["request_id"] == resp.headers["X-Request-ID"]
+        assert dropped.is_set()
+        await wait_for(lambda: pool.stats().active == 0, what="pool connection closed")
+    finally:
+        server.close()
+        await server.wait_closed()
