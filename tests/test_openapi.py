@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -597,6 +598,18 @@ async def test_bad_docs_config_is_located(
     path.write_text(config(users.url, billing.url, docs='openapi_path = "/docs"'))
     assert cli_main(["check", "--config", str(path)]) == 2
     assert "docs.openapi_path: must differ from docs.path" in capsys.readouterr().err
+    # Clashes only the built table shows: the gateway's own paths, plugin endpoints.
+    for docs, extra, problem in (
+        ('path = "/healthz"', "", "docs.path: /healthz is answered by the gateway itself"),
+        (
+            'openapi_path = "/metrics"',
+            '[plugins.metrics]\npath = "/metrics"\n',
+            "docs.openapi_path: /metrics is already served by a plugin endpoint",
+        ),
+    ):
+        path.write_text(config(users.url, billing.url, docs=docs, routes=extra))
+        with pytest.raises(ConfigError, match=re.escape(f"bad.toml: {problem}")):
+            await Gateway(path, env=dict(os.environ), host="127.0.0.1", port=0).start()
     gw = await start_gateway(config(users.url, billing.url))
     clash = '[[routes]]\nname = "x"\npath = "/docs"\nupstream = "users"\n'
     assert not await gw.reload(config(users.url, billing.url, routes=clash))
