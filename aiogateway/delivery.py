@@ -184,10 +184,13 @@ class DeliveryQueue:
                 # The batch lives in the prepended segment (or was delivered).
                 self._spool.ack(self._head_token)
             self._head, self._head_token = [], None
-            self._spool.close()
+            self._spool.sync()
         except OSError:
             log.exception("%s: could not spool %d records at close", self.name, newly)
             self.on_outcome("dropped", newly)
+        finally:
+            with contextlib.suppress(OSError):
+                self._spool.close()  # releases the locks: the next owner may adopt
         self._report_depth()
 
     # Request path ---------------------------------------------------------------
