@@ -528,6 +528,13 @@ async def test_unusable_dsn_stops_the_process_with_a_clear_message(
     assert "Traceback" not in gp.log
 
 
+async def test_malformed_dsn_is_reported_at_its_key(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
+    with pytest.raises(ConfigError, match=r"plugins\.audit\.dsn.*postgresql://"):
+        await start_gateway(config(recording_upstream.url, "mysql://db/x"))
+
+
 @pytest.mark.parametrize(
     "dsn", ["not a url", "mysql://db/x", "postgresql://db:notaport/x", "postgresql:///x"]
 )
