@@ -85,6 +85,10 @@ def _upgrade(node: Any) -> None:
             node["type"] = [kind, "null"]
         if isinstance(node.get("enum"), list) and None not in node["enum"]:
             node["enum"].append(None)
+        if kind is None and "enum" not in node:  # e.g. allOf: [$ref], nullable
+            inner = dict(node)
+            node.clear()
+            node["anyOf"] = [inner, {"type": "null"}]
     for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         # pop() runs whenever the keyword is a 3.0 boolean: false just goes away.
         if isinstance(node.get(bound), bool) and node.pop(bound) and limit in node:

@@ -135,7 +135,7 @@ BILLING_DOC: dict[str, Any] = {
         "schemas": {
             "Invoice": obj(
                 id=STRING,
-                owner=ref("User"),
+                owner={"allOf": [ref("User")], "nullable": True},
                 total={"type": "number", "minimum": 0, "exclusiveMinimum": True},
             ),
             # Another service's "User": renamed, not mixed up with the users service's.
@@ -413,7 +413,9 @@ upstream = "users"
     assert exact["summary"] == "exact-invoices"
     # Clashing names renamed; the 3.0 schema upgraded to 3.1.
     invoice_schema = schemas["Invoice"]
-    assert invoice_schema["properties"]["owner"] == {"$ref": "#/components/schemas/billing_User"}
+    assert invoice_schema["properties"]["owner"] == {
+        "anyOf": [{"allOf": [{"$ref": "#/components/schemas/billing_User"}]}, {"type": "null"}]
+    }
     assert invoice_schema["properties"]["total"] == {"type": "number", "exclusiveMinimum": 0}
     assert schemas["billing_User"]["properties"]["nickname"]["type"] == ["string", "null"]
     assert "email" in schemas["User"]["properties"]
