@@ -38,6 +38,24 @@ class NotReady(Plugin[PluginConfig]):
         app.set_ready("dep", False, "down")
 
 
+class ReadyDep(Plugin[PluginConfig]):
+    """Reports the same dependency as NotReady, as up."""
+
+    type_name = "ready-dep"
+
+    async def startup(self, app: GatewayApp) -> None:
+        app.set_ready("dep", True, "up")
+
+
+class FailingStart(Plugin[PluginConfig]):
+    """Cannot start (its database is unreachable, say)."""
+
+    type_name = "failing-start"
+
+    async def startup(self, app: GatewayApp) -> None:
+        raise ConnectionRefusedError("dependency unreachable")
+
+
 class FailureSink:
     """A telemetry sink that records plugin failures (and ignores the rest)."""
 
@@ -549,3 +567,30 @@ async def test_repeated_sigterm_still_drains_and_exits_0(
             assert time.monotonic() < deadline, gp.log
         assert await request == 200
     assert gp.proc.returncode == 0, gp.log
+
+
+async def test_reload_whose_plugin_fails_to_start_keeps_old_table_and_readiness(
+    start_gateway: StartGateway,
+    slow_upstream: tuple[SlowUpstream, RunningUpstream],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, up = slow_upstream
+    extra = '\n[plugins.dep]\ntype = "tests.test_lifecycle:NotReady"\n'
+    gw = await start_gateway(make_config(up.url, extra=extra, chain='["dep"]'))
+    old_table = gw.gateway.table
+    # The new table's first plugin reports "dep" up, then the second cannot start.
+    broken = (
+        '\n[plugins.up]\ntype = "tests.test_lifecycle:ReadyDep"\n'
+        '\n[plugins.bad]\ntype = "tests.test_lifecycle:FailingStart"\n'
+    )
+    assert not await gw.reload(
+        make_config(up.url, routes=("/a", "/b"), extra=broken, chain='["up", "bad"]')
+    )
+    assert gw.gateway.table is old_table
+    assert any("reload failed while starting plugins" in r.getMessage() for r in caplog.records)
+    async with aiohttp.ClientSession() as s:
+        assert await get_status(s, f"{gw.url}/a") == 200
+        assert await get_status(s, f"{gw.url}/b") == 404
+        async with s.get(f"{gw.url}/readyz") as resp:
+            assert resp.status == 503  # what the live plugins said, not the failed ones
+            assert (await resp.json())["components"]["dep"] == {"ready": False, "detail": "down"}
