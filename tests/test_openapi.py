@@ -492,6 +492,7 @@ async def test_gateway_serves_merged_document(
             assert resp.status == 200
             assert resp.content_type == "application/javascript"
             assert b"SwaggerUIBundle" in await resp.read()
+        assert "flask" not in sys.modules  # the assets' package is only read from
         async with session.get(f"{gw.url}/docs/swagger-ui-init.js") as resp:
             assert b'"url":"/openapi.json"' in await resp.read()
         async with session.head(f"{gw.url}/docs/swagger-ui.css") as resp:
