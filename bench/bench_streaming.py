@@ -210,14 +210,32 @@ def main() -> None:
         )
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--upstream", str(up_port),
-                 "--chunk-kib", str(args.chunk_kib)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--upstream",
+                    str(up_port),
+                    "--chunk-kib",
+                    str(args.chunk_kib),
+                ],
                 env=env,
             ),
             subprocess.Popen(
-                [sys.executable, "-m", "aiogateway", "serve", "--config", str(config),
-                 "--host", "127.0.0.1", "--port", str(gw_port)],
-                env=env, cwd=tmp, stderr=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "aiogateway",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gw_port),
+                ],
+                env=env,
+                cwd=tmp,
+                stderr=subprocess.DEVNULL,
             ),
         ]
         try:
@@ -242,8 +260,10 @@ def main() -> None:
             for proc in procs:
                 proc.wait(10)
 
-    print(f"{args.size_mib} MiB per transfer, {args.chunk_kib} KiB chunks, {loop_name}, "
-          f"{os.cpu_count()} CPUs (load avg {os.getloadavg()[0]:.1f})")
+    print(
+        f"{args.size_mib} MiB per transfer, {args.chunk_kib} KiB chunks, {loop_name}, "
+        f"{os.cpu_count()} CPUs (load avg {os.getloadavg()[0]:.1f})"
+    )
     print(f"{'path':<8} {'direction':<9} {'MB/s':>8} {'gw RSS growth':>14}")
     for path, name, mbs, growth in rows:
         g = "-" if growth is None else f"{growth:.1f} MiB"

@@ -154,8 +154,17 @@ def test_serve_bad_config_exits_with_message(
     # workers for a config that cannot load: the command fails at once.
     config = write(tmp_path, text, "broken.toml")
     result = run_cli(
-        "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0",
-        "--workers", workers, cwd=tmp_path, timeout=20,
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--workers",
+        workers,
+        cwd=tmp_path,
+        timeout=20,
     )
     assert result.returncode != 0
     assert str(config) in result.stderr
@@ -180,8 +189,17 @@ def test_serve_on_a_taken_port_exits_with_message(tmp_path: Path, workers: str) 
         taken.listen()
         port = str(taken.getsockname()[1])
         result = run_cli(
-            "serve", "--config", str(config), "--host", "127.0.0.1", "--port", port,
-            "--workers", workers, cwd=tmp_path, timeout=20,
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--workers",
+            workers,
+            cwd=tmp_path,
+            timeout=20,
         )
     assert result.returncode == 1
     assert port in result.stderr

@@ -324,9 +324,7 @@ async def test_no_request_fails_during_reloads_under_load(
         await asyncio.sleep(0.2)
         done.set()
 
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency)
-    ) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         await asyncio.gather(reloader(), *(client(session) for _ in range(concurrency)))
     assert errors == []
     assert len(statuses) >= minimum

@@ -371,9 +371,7 @@ async def test_client_abort_mid_upload_closes_upstream_connection(
     pool = gw.gateway.table.pools["svc"]
     _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     total = 256 * MiB
-    writer.write(
-        b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % total
-    )
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % total)
     chunks = payload_chunks(total)
     for _ in range(16):  # 4 MiB of 256
         writer.write(next(chunks))
@@ -549,12 +547,6 @@ async def test_upstream_answering_before_reading_the_upload(
     assert pool.stats().idle == 0
 
 
-@pytest.mark.xfail(
-    reason="proxy.py _proxy() never answers 'Expect: 100-continue' (aiohttp's low-level "
-    "web.Server does not either), so such clients (curl for bodies > 1 MiB) stall for "
-    "their expect timeout before sending the body",
-    strict=True,
-)
 async def test_expect_100_continue_gets_an_interim_response(
     start_gateway: StartGateway,
     stream_upstream: tuple[StreamUpstream, RunningUpstream],
