@@ -17,9 +17,11 @@ __all__ = [
     "BAD_REQUEST",
     "FORBIDDEN",
     "GATEWAY_TIMEOUT",
+    "HTTP_VERSION_NOT_SUPPORTED",
     "INTERNAL_ERROR",
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
+    "NOT_IMPLEMENTED",
     "PAYLOAD_TOO_LARGE",
     "REQUEST_TIMEOUT",
     "SERVICE_UNAVAILABLE",
@@ -38,9 +40,11 @@ REQUEST_TIMEOUT = "request_timeout"
 PAYLOAD_TOO_LARGE = "payload_too_large"
 TOO_MANY_REQUESTS = "too_many_requests"
 INTERNAL_ERROR = "internal_error"
+NOT_IMPLEMENTED = "not_implemented"
 BAD_GATEWAY = "bad_gateway"
 SERVICE_UNAVAILABLE = "service_unavailable"
 GATEWAY_TIMEOUT = "gateway_timeout"
+HTTP_VERSION_NOT_SUPPORTED = "http_version_not_supported"
 
 
 class ConfigError(Exception):

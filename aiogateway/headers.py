@@ -101,6 +101,9 @@ def upstream_request_headers(
             elif lname == b"connection":
                 has_connection = True
             continue
+        if b"_" in lname and lname.replace(b"_", b"-") in drop:
+            # SECURITY: CGI/WSGI-style upstreams read X_User_Id as X-User-Id.
+            continue
         out.append((name, value))
     if has_connection:
         # Headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1).

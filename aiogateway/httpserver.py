@@ -64,15 +64,8 @@ class _GatewayRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _too_long(self, exc: LineTooLong) -> tuple[int, str]:
-        line, limit = exc.args[0], exc.args[1]
-        if self._max_line != self._max_field:
-            is_target = limit == self._max_line
-        else:
-            # Same limits: a request target starts with "/" or a scheme; a header
-            # name never does, so only a long header *value* could be misread.
-            raw = bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode()
-            is_target = raw[:1] == b"/" or raw[:7].lower() in (b"http://", b"https:/")
-        if is_target:
+        # GatewayServer keeps the two limits distinct, so the limit names the part.
+        if exc.args[1] == self._max_line:
             return 414, "request target too long"
         return 431, "request header field too large"
 
@@ -91,6 +84,8 @@ class _GatewayRequestHandler(RequestHandler):
             status, text = self._too_long(exc)
         elif isinstance(exc, BadHttpMethod):
             status, text = 400, "unknown HTTP method"
+        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status, text = 431, "too many request header fields"
         elif isinstance(exc, BadHttpMessage):
             status = 400
         elif status == 504:
@@ -110,6 +105,11 @@ class GatewayServer(web.Server):
     """``web.Server`` whose connections use the JSON-error request handler."""
 
     def __init__(self, *args: Any, header_timeout: float = 30.0, **kwargs: Any) -> None:
+        line, field = kwargs.get("max_line_size", 8190), kwargs.get("max_field_size", 8190)
+        if line == field:
+            # aiohttp's LineTooLong carries only the limit that was crossed: one
+            # byte more for the request line tells it from a header field (414/431).
+            kwargs["max_line_size"] = line + 1
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
 

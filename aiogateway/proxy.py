@@ -20,7 +20,13 @@ from . import errors
 from .accesslog import log_access
 from .chain import EMPTY_CHAIN
 from .exchange import Exchange
-from .headers import REQUEST_DROP, request_id_from, response_headers, upstream_request_headers
+from .headers import (
+    REQUEST_DROP,
+    new_request_id,
+    request_id_from,
+    response_headers,
+    upstream_request_headers,
+)
 from .pathnorm import BadPath, encode_path, normalize_path
 from .upstream import UpstreamError, UpstreamResponse
 from .websocket import is_websocket_upgrade, proxy_websocket
@@ -37,6 +43,9 @@ log = logging.getLogger("aiogateway.proxy")
 
 # Bodies up to this size are read whole and sent with the request head in one write.
 SMALL_BODY = 64 * 1024
+# How long the response head waits for the first body bytes (to go out in one
+# write, and so that a body failing at once can still become a 502).
+FIRST_CHUNK_GRACE = 0.05
 
 _STATUS_FOR_UPSTREAM_ERROR = {"connect": 502, "reset": 502, "protocol": 502, "timeout": 504}
 _CODE_FOR_STATUS = {502: errors.BAD_GATEWAY, 504: errors.GATEWAY_TIMEOUT}
@@ -70,6 +79,11 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        if request.version.major != 1:
+            # HTTP/0.9 or an "HTTP/2.0" text request line: not HTTP/1.x framing.
+            return errors.error_response(
+                505, errors.HTTP_VERSION_NOT_SUPPORTED, "only HTTP/1.0 and 1.1", new_request_id()
+            )
         target = request.raw_path
         if target[:1] != "/":
             # Absolute-form (RFC 9112 §3.2.2): route on its path. Anything else
@@ -189,11 +203,31 @@ class ProxyHandler:
             return self._error(
                 exchange, 413, errors.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes"
             )
+        transfer_encoding = request.headers.get("Transfer-Encoding")
+        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+            # RFC 9112 §6.1: a transfer coding we cannot decode is answered 501,
+            # never forwarded as if the body were plain.
+            exchange.error = "bad_request"
+            response = self._error(
+                exchange, 501, errors.NOT_IMPLEMENTED, "unsupported transfer coding"
+            )
+            response.force_close()
+            return response
         chain = route.chain
         if chain.on_request:
             rejection = await chain.run_on_request(exchange)
             if rejection is not None:
                 return self._rejected(exchange, rejection)
+        if (
+            request.content.total_bytes == 0
+            and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.version.minor == 1
+        ):
+            # Only now (route, size and auth passed) invite the client to send
+            # its body; aiohttp's low-level server does not do it for us. A client
+            # that sent body bytes already needs no invitation (RFC 9110 §10.1.1).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
         if route.websocket and is_websocket_upgrade(request):
             return await proxy_websocket(
                 self.gateway, exchange, route, self._upstream_target(exchange, route)
@@ -331,6 +365,12 @@ class ProxyHandler:
     async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
         """Stream the upstream's response to the client with backpressure."""
         exchange.upstream_headers_at = time.perf_counter()
+        try:
+            first = await _first_chunk(upstream)
+        except UpstreamError as exc:
+            # Nothing went to the client yet: a clean 502/504 is still possible.
+            upstream.close()
+            return self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
         exchange.response_headers = headers = response_headers(
             upstream.headers, exchange.request_id
@@ -343,16 +383,23 @@ class ProxyHandler:
             response.content_length = upstream.content_length
         route = exchange.route
         assert route is not None
+        request = exchange.request
         try:
             for hook in route.chain.on_response:
                 await hook(exchange)
-            request = exchange.request
             await response.prepare(request)
+            if first is None:
+                # A slow stream (SSE, long poll): the client gets the head now.
+                request.writer.send_headers()
+                chunk = await upstream.read()
+            else:
+                chunk = first  # sent together with the head in one write
             sent = 0
-            while chunk := await upstream.read():
+            while chunk:
                 await response.write(chunk)
                 sent += len(chunk)
                 exchange.bytes_out = sent
+                chunk = await upstream.read()
             await response.write_eof()
         except UpstreamError as exc:
             # Mid-body failure: the head is gone, so cut the client's stream short.
@@ -360,8 +407,8 @@ class ProxyHandler:
             self.telemetry.upstream_error(upstream_name(exchange), exc.kind)
             upstream.close()
             response.force_close()
-            if exchange.request.transport is not None:
-                exchange.request.transport.abort()
+            if request.transport is not None:
+                request.transport.abort()
             return response
         except ConnectionError:
             exchange.error = "client_abort"
@@ -372,6 +419,17 @@ class ProxyHandler:
             raise
         upstream.release()
         return response
+
+
+async def _first_chunk(upstream: UpstreamResponse) -> bytes | None:
+    """The first body bytes if already here or arriving within a short grace; else None."""
+    if upstream.buffered or upstream.content_length == 0:
+        return await upstream.read()  # returns at once
+    try:
+        async with asyncio.timeout(FIRST_CHUNK_GRACE):
+            return await upstream.read()
+    except TimeoutError:
+        return None  # read() is cancellation-safe: nothing is lost
 
 
 def upstream_name(exchange: Exchange) -> str:

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from aiohttp import web
 
+from aiogateway.proxy import FIRST_CHUNK_GRACE
 from aiogateway.upstream import UpstreamPool
 from tests.support.gateway import RunningGateway, StartGateway, free_port
 
@@ -76,7 +77,8 @@ async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 async def reset_after_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     writer.write(head())
     await writer.drain()
-    await asyncio.sleep(0.05)
+    # Within the gateway's grace for the first body bytes (later, the head is gone).
+    await asyncio.sleep(FIRST_CHUNK_GRACE / 5)
     reset(writer)
     return False
 
@@ -343,15 +345,6 @@ async def test_malformed_chunked_body_ends_the_exchange(
     await base.assert_back(gw)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "proxy._relay: when the upstream body fails before its first byte (bad chunk size, "
-        "reset right after the head) the client connection is aborted with no response at "
-        "all, although ProxyResponse holds the head back until the first chunk, so nothing "
-        "was sent yet and a 502 JSON error is still possible"
-    ),
-    strict=True,
-)
 @pytest.mark.parametrize("path", ["/v1/bad-chunk", "/v1/reset-after-head"])
 async def test_body_failure_before_the_first_byte_is_502(
     gw: RunningGateway, upstream: FaultyUpstream, path: str
