@@ -182,6 +182,8 @@ class ProxyHandler:
             return self._rejected(exchange, rejection)
         response = await endpoint.handler(exchange.request)
         exchange.status = response.status
+        if not response.prepared:
+            response.headers["X-Request-ID"] = exchange.request_id
         return response
 
     def _rejected(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:

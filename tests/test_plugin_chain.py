@@ -219,3 +219,21 @@ async def test_access_log_is_one_json_line_per_request(
     assert line["route"] == "things"
     assert line["upstream"] == "svc"
     assert line["level"] == "info"
+
+
+async def test_plugin_endpoint_answers_with_request_id(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
+    gw = await start_gateway(
+        config(
+            recording_upstream.url,
+            "[]",
+            '[plugins.hello]\ntype = "tests.sample_plugins:HeaderPlugin"\n'
+            'header = "X-Hello"\nvalue = "hi"\nendpoint = "/hello"\n',
+        )
+    )
+    async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/hello") as r:
+        assert r.status == 200
+        assert await r.text() == "hi"
+        assert len(r.headers["X-Request-ID"]) == 32
+    assert recording_upstream.requests == []
