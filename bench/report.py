@@ -154,6 +154,9 @@ def _read() -> str:
         "Written by `make bench` (full table, replaced on each run) and\n"
         "`make bench-quick` (one line appended per run: the regression guard).\n"
         "See bench/README.md for what is measured and how.\n\n"
+        "On a machine shared with other jobs req/s swings by ±50% between runs and\n"
+        "CPU µs/request by about ±25%: compare the ratios within one run, the CPU\n"
+        "ratios first.\n\n"
         f"## Full table (make bench)\n\n{BEGIN}\n_not run yet_\n{END}\n\n"
         f"## Regression guard (make bench-quick)\n\n{QUICK_HEAD}"
     )
