@@ -36,6 +36,12 @@ def install_uvloop() -> bool:
 
 
 async def _serve(gateway: Gateway, parent_pid: int | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    # Installed before start(): a SIGTERM while plugins start up still stops
+    # cleanly (once started) instead of killing the process mid-startup.
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
     try:
         await gateway.start()
     except ConfigError as exc:
@@ -48,10 +54,6 @@ async def _serve(gateway: Gateway, parent_pid: int | None = None) -> int:
         print(f"aiogateway: cannot start: {exc}", file=sys.stderr)
         return 1
     logging.getLogger().setLevel(gateway.table.settings.server.log_level.upper())
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
     flusher = asyncio.ensure_future(_flush_logs_periodically())
     orphaned = None

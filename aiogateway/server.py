@@ -69,6 +69,7 @@ class Gateway:
         self._runner: web.ServerRunner | None = None
         self._ws_session: aiohttp.ClientSession | None = None
         self._reload_lock = asyncio.Lock()
+        self._stopping = False
         self._special: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz}
         self.docs = DocsService(self)  # /openapi.json and /docs, regenerated per table
         self.table: RouteTable
@@ -167,6 +168,8 @@ class Gateway:
     async def reload(self) -> bool:
         """Load config.toml again and swap the table atomically; False if rejected."""
         async with self._reload_lock:
+            if self._stopping:
+                return False
             old = self.table
             readiness = dict(self.readiness), dict(self._ready_owner)
             try:
@@ -181,6 +184,10 @@ class Gateway:
                 log.exception("reload failed while starting plugins, old config kept")
                 self._retired.add(new)
                 self.readiness, self._ready_owner = readiness
+                kept = set(map(id, old.pools.values()))
+                for pool in new.pools.values():
+                    if id(pool) not in kept:
+                        await pool.close()
                 return False
             self.table = new
             self.docs.activate(new)
@@ -204,9 +211,14 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests (bounded), stop plugins, close pools."""
+        self._stopping = True
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # A reload still starting plugins finishes first, so its table is the
+        # one stopped below (later reloads see _stopping and do nothing).
+        async with self._reload_lock:
+            pass
         # Tables a reload replaced: their requests are over now; let their
         # plugins shut down (flush) too instead of cancelling that.
         if self._retiring:
