@@ -15,7 +15,8 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY aiogateway ./aiogateway
 COPY plugins ./plugins
 COPY migrations ./migrations
-RUN pip install ".[uvloop]"
+# docs: Swagger UI at /docs (without it, /openapi.json only).
+RUN pip install ".[uvloop,docs]"
 
 COPY config.toml ./config.toml
 

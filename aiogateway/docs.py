@@ -8,9 +8,12 @@ the background at startup and on every reload, then every
 copy is kept (served stale while its service is down) and the gateway's
 document is rebuilt whenever one changes. Nothing ever waits on them.
 
-Swagger UI's files come from an installed package (``flask-swagger-ui``
-ships the swagger-ui-dist build; only its files are read, Flask is never
-imported), so /docs works offline. The docs paths are gateway endpoints:
+Swagger UI's files come from an installed package, the optional ``docs``
+extra (``pip install 'aiogateway[docs]'``: ``flask-swagger-ui`` ships the
+swagger-ui-dist 5.x build; only its files are read, Flask is never imported),
+so /docs works offline. Without it /openapi.json is served all the same and
+the Swagger UI paths answer a 503 JSON error naming the extra; every load
+(startup, reload) looks again. The docs paths are gateway endpoints:
 ``docs.chain`` guards them like a route's chain; ``docs.enabled = false``
 removes them.
 """
@@ -32,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from .build import RESERVED_PATHS
 from .chain import EMPTY_CHAIN, Chain
-from .errors import ConfigError
+from .errors import SERVICE_UNAVAILABLE, ConfigError
 from .openapi import build_document
 from .openapi_merge import normalize_document
 from .plugin import Endpoint
@@ -53,6 +57,11 @@ JsonDict = dict[str, Any]
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 ASSET_PACKAGE = "flask_swagger_ui"  # its dist/ is swagger-ui-dist, verbatim
+DOCS_EXTRA = "docs"  # setup.cfg's extra that installs ASSET_PACKAGE
+MISSING_ASSETS = (
+    f"Swagger UI is not installed: install the {DOCS_EXTRA!r} extra "
+    f"(pip install 'aiogateway[{DOCS_EXTRA}]'); the OpenAPI document is served all the same"
+)
 JAVASCRIPT = "application/javascript"
 ASSETS = {
     "swagger-ui-bundle.js": JAVASCRIPT,
@@ -67,7 +76,9 @@ def swagger_ui_assets() -> dict[str, tuple[bytes, str]]:
     """Swagger UI's files by name: (bytes, content type). Read once per process."""
     spec = importlib.util.find_spec(ASSET_PACKAGE)  # finds without importing (or Flask)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {ASSET_PACKAGE!r} (flask-swagger-ui) is not installed")
+        raise FileNotFoundError(
+            f"package {ASSET_PACKAGE!r} is not installed (the {DOCS_EXTRA!r} extra)"
+        )
     dist = Path(next(iter(spec.submodule_search_locations))) / "dist"
     return {name: ((dist / name).read_bytes(), ctype) for name, ctype in ASSETS.items()}
 
@@ -166,20 +177,22 @@ class DocsService:
             return
         file = str(self.gateway.config_path)
         chain = _guard_chain(table, docs.chain)
-        try:
-            assets = swagger_ui_assets()
-        except OSError as exc:
-            raise ConfigError(
-                f"Swagger UI unavailable: {exc}", file=file, location="docs"
-            ) from None
         published = _Published(table, docs)
         published.rebuild(self.upstream_docs(table), self.version)
-        endpoints = {docs.openapi_path: published.serve_document, docs.path: _page(docs)}
-        for name, (body, ctype) in assets.items():
-            endpoints[f"{docs.path}/{name}"] = _static(body, ctype)
-        endpoints[f"{docs.path}/swagger-ui-init.js"] = _static(
-            _init_script(docs), JAVASCRIPT, "no-cache"
-        )
+        endpoints = {docs.openapi_path: published.serve_document}
+        ui = {
+            docs.path: _page(docs),
+            f"{docs.path}/swagger-ui-init.js": _static(_init_script(docs), JAVASCRIPT, "no-cache"),
+        }
+        try:
+            assets = swagger_ui_assets()
+        except OSError as exc:  # the same paths, answering what to install
+            log.warning("%s (%s)", MISSING_ASSETS, exc)
+            ui = dict.fromkeys([*ui, *(f"{docs.path}/{name}" for name in ASSETS)], _unavailable)
+        else:
+            for name, (body, ctype) in assets.items():
+                ui[f"{docs.path}/{name}"] = _static(body, ctype)
+        endpoints.update(ui)
         _check_paths(table, endpoints, file)
         for path, handler in endpoints.items():
             table.endpoints[path] = (Endpoint(path, handler), chain)
@@ -281,6 +294,33 @@ def _static(body: bytes, content_type: str, cache: str = "public, max-age=86400"
         return response
 
     return serve
+
+
+class _ServiceUnavailable(web.Response):
+    """The gateway's 503 JSON error, saying which extra to install.
+
+    An endpoint handler sees only the request; the gateway stamps the response
+    with the exchange's X-Request-ID after the handler returns, so the body's
+    ``request_id`` is written from that header when the response is sent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            status=503, content_type="application/json", headers={"Cache-Control": "no-store"}
+        )
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        body = {
+            "error": SERVICE_UNAVAILABLE,
+            "message": MISSING_ASSETS,
+            "request_id": self.headers.get("X-Request-ID", ""),
+        }
+        self.body = orjson.dumps(body)
+        return await super().prepare(request)
+
+
+async def _unavailable(request: web.BaseRequest) -> web.StreamResponse:
+    return _ServiceUnavailable()
 
 
 def _init_script(docs: DocsSettings) -> bytes:

@@ -500,6 +500,82 @@ async def test_gateway_serves_merged_document(
             assert resp.content_type == "text/css"
 
 
+# The `docs` extra not installed: its package blocked before aiogateway is imported
+# (a None entry in sys.modules makes both import and find_spec see no such module).
+WITHOUT_DOCS_EXTRA = (
+    "import sys; sys.modules['flask_swagger_ui'] = None; "
+    "from aiogateway.cli import main; sys.exit(main())"
+)
+
+
+async def test_without_the_docs_extra_openapi_is_served_and_docs_says_what_to_install(
+    tmp_path: Path, services: tuple[RunningUpstream, RunningUpstream]
+) -> None:
+    users, billing = services
+    path = tmp_path / "config.toml"
+    path.write_text(config(users.url, billing.url))
+    check = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WITHOUT_DOCS_EXTRA, "check", "--config", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert await check.wait() == 0, await check.stderr.read() if check.stderr else b""
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WITHOUT_DOCS_EXTRA, "serve", "--config", str(path),
+            "--host", "127.0.0.1", "--port", str(port),
+            cwd=tmp_path, stdout=log, stderr=log,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert proc.returncode is None, log_path.read_text()
+                try:
+                    async with session.get(f"{url}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert asyncio.get_running_loop().time() < deadline, log_path.read_text()
+                await asyncio.sleep(0.1)
+            doc = await get_document(url, lambda d: merged(d) and "Invoice" in str(d))
+            validate(doc)
+            for page, sent in (
+                ("/docs", None),
+                ("/docs", "my-request-1"),
+                ("/docs/swagger-ui-bundle.js", None),
+                ("/docs/swagger-ui.css", None),
+                ("/docs/swagger-ui-init.js", None),
+            ):
+                headers = {"X-Request-ID": sent} if sent else {}
+                async with session.get(url + page, headers=headers) as resp:
+                    assert resp.status == 503, page
+                    assert resp.content_type == "application/json"
+                    body = await resp.json()
+                    request_id = resp.headers["X-Request-ID"]
+                assert body["error"] == "service_unavailable"
+                assert "'docs' extra" in body["message"]
+                assert "pip install 'aiogateway[docs]'" in body["message"]
+                assert body["request_id"] == request_id == (sent or request_id)
+                assert len(request_id) >= 8
+            async with session.head(f"{url}/docs") as resp:
+                assert resp.status == 503
+            async with session.get(f"{url}/v1/users/7") as resp:
+                assert resp.status == 401  # routing is untouched
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = log_path.read_text()
+    assert text.count("Swagger UI is not installed: install the 'docs' extra") == 1, text
+    assert "Traceback" not in text
+
+
 async def test_upstream_down_at_startup_then_merged_when_it_comes_up(
     start_gateway: StartGateway, services: tuple[RunningUpstream, RunningUpstream]
 ) -> None:
