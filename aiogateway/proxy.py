@@ -394,6 +394,12 @@ class ProxyHandler:
                 # A slow stream (SSE, long poll): the client gets the head now.
                 request.writer.send_headers()
                 chunk = await upstream.read()
+            elif len(first) == upstream.content_length:
+                # The whole body is here: head, body and end in one write.
+                exchange.bytes_out = len(first)
+                await response.write_eof(first)
+                upstream.release()
+                return response
             else:
                 chunk = first  # sent together with the head in one write
             sent = 0
