@@ -3,11 +3,14 @@
 - examples/ip_allow.py (the README's plugin guide quotes it verbatim) is loaded
   by ``type = "examples.ip_allow:IpAllow"`` into a real gateway and exercised.
 - The README's config reference is exactly what the models generate.
+- The sample auth-service's own OpenAPI document describes exactly its routes,
+  and every answer of a walk through all of them matches the documented schema.
 - The sample services behind the shipped config.toml, through a real gateway
   with real PostgreSQL and Kafka: the auth flows the demo relies on (tokens the
   gateway's jwt-check accepts, org switch forwarding X-Org-Id, invites, roles,
-  refresh rotation, internal routes with the service key) and the echo
-  service's WebSocket through /v1/chat.
+  refresh rotation, internal routes with the service key), the echo
+  service's WebSocket through /v1/chat, and the gateway's /openapi.json with
+  the auth-service's bodies merged under the gateway's paths.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
 
+from aiogateway.demo.auth_openapi import document as auth_document
 from aiogateway.demo.auth_service import make_app as auth_app
 from aiogateway.demo.echo_service import make_app as echo_app
 from aiogateway.errors import ConfigError
@@ -115,6 +121,99 @@ async def test_example_plugin_config_is_validated_at_load(
     assert "plugins.office.allow[1]" in str(info.value)
     with pytest.raises(ConfigError, match=r"plugins\.office\.allow"):
         await start_gateway(_ip_allow_config(recording_upstream.url, ""), name="empty.toml")
+
+
+# -- the sample auth-service's own OpenAPI document -----------------------------------
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as resp:
+        assert resp.status == 200, url
+        assert resp.content_type == "application/json"
+        return await resp.json()
+
+
+def _response_schema(doc: dict[str, Any], method: str, template: str, status: int) -> Any:
+    """The documented JSON schema of one answer, its refs resolvable (KeyError: undocumented)."""
+    answer = doc["paths"][template][method.lower()]["responses"][str(status)]
+    schema = answer["content"]["application/json"]["schema"]
+    return {**schema, "components": doc["components"]}
+
+
+async def test_sample_auth_service_documents_each_route_and_answers_as_documented(
+    start_upstream: StartUpstream,
+) -> None:
+    app = auth_app(SECRET)
+    served = {
+        (r.method, r.resource.canonical)
+        for r in app.router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    } - {("GET", "/openapi.json")}
+    auth = await start_upstream(app)
+    async with aiohttp.ClientSession() as session:
+        doc = await _get_json(session, f"{auth.url}/openapi.json")
+        assert doc == auth_document()
+        validate(doc)
+        assert doc["openapi"] == "3.1.0"
+        documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+        assert documented == served
+        called: set[tuple[str, str]] = set()
+
+        async def call(
+            method: str, template: str, status: int, user: str = "", **params: Any
+        ) -> Any:
+            path = template.format(**params.pop("path", {}))
+            headers = params.pop("headers", {})
+            if user:
+                headers["X-User-Id"] = user  # what the gateway forwards from the token
+            async with session.request(method, auth.url + path, headers=headers, **params) as resp:
+                assert resp.status == status, (method, path, await resp.text())
+                body = await resp.json()
+            Draft202012Validator(_response_schema(doc, method, template, status)).validate(body)
+            called.add((method, template))
+            return body
+
+        creds = {"email": "a@example.com", "password": "pw"}
+        owner = await call("POST", "/v1/client/sign-up", 201, json={**creds, "name": "A"})
+        await call("POST", "/v1/client/sign-up", 409, json=creds)
+        await call("POST", "/v1/client/sign-up", 400, json={"email": "b@example.com"})
+        guest = await call("POST", "/v1/client/sign-up", 201, json={**creds, "email": "b@x.io"})
+        a, b = owner["user"]["id"], guest["user"]["id"]
+        signed_in = await call("POST", "/v1/client/sign-in/password", 200, json=creds)
+        await call("POST", "/v1/client/sign-in/password", 401, json={**creds, "password": "x"})
+        fresh = await call(
+            "POST", "/v1/client/refresh_token", 200, json={"refresh_token": owner["refresh_token"]}
+        )
+        await call("POST", "/v1/client/logout", 200, json={"refresh_token": fresh["refresh_token"]})
+        await call("GET", "/v1/client/me", 401)
+        org = await call("POST", "/v1/org", 201, a, json={"name": "Acme"})
+        ids = {"path": {"id": org["id"]}}
+        await call("PATCH", "/v1/client/switch-org", 200, a, json={"org_id": org["id"]})
+        await call("PATCH", "/v1/client/switch-org", 403, b, json={"org_id": org["id"]})
+        await call("GET", "/v1/org/{id}/members", 403, b, **ids)
+        invite = await call("POST", "/v1/org/{id}/invite", 201, a, json={"email": "b@x.io"}, **ids)
+        accept = {"token": invite["invite_token"]}
+        await call("POST", "/v1/invite/accept", 200, b, json=accept)
+        await call("POST", "/v1/invite/accept", 404, b, json=accept)
+        me = await call("GET", "/v1/client/me", 200, b, headers={"X-Org-Id": org["id"]})
+        assert me["orgs"] == [{"id": org["id"], "name": "Acme", "role": "member"}]
+        await call("GET", "/v1/org/{id}/members", 200, b, **ids)
+        member = {"path": {"id": org["id"], "user_id": b}}
+        await call(
+            "PATCH", "/v1/org/{id}/member/{user_id}/role", 200, a, json={"role": "admin"}, **member
+        )
+        await call("DELETE", "/v1/org/{id}/member/{user_id}", 200, a, **member)
+        await call("DELETE", "/v1/org/{id}/member/{user_id}", 404, a, **member)
+        bearer = {"Authorization": f"Bearer {signed_in['access_token']}"}
+        await call("GET", "/auth/validate", 200, headers=bearer)
+        await call("GET", "/auth/validate", 401, headers={"Authorization": "Bearer nope"})
+        await call("GET", "/auth/user/{id}", 200, path={"id": a})
+        await call("GET", "/auth/user/{id}", 404, path={"id": "nope"})
+        await call("GET", "/auth/user/{id}/orgs", 200, path={"id": a})
+        await call("GET", "/auth/org/{id}", 200, **ids)
+        await call("GET", "/auth/org/{id}/members", 200, **ids)
+        await call("GET", "/healthz", 200)
+    assert called == documented
 
 
 # -- the sample services behind the shipped config.toml ------------------------------
@@ -245,6 +344,61 @@ async def test_internal_routes_need_the_service_key(shipped: RunningGateway) -> 
         )
         assert (status, valid["claims"]["sub"]) == (200, user_id)
         assert (await c.call("GET", "/auth/org/nope", headers=key))[0] == 404
+
+
+async def test_shipped_gateway_docs_carry_the_auth_services_bodies(
+    shipped: RunningGateway,
+) -> None:
+    own = auth_document()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(150):  # fetched in the background right after startup
+            doc = await _get_json(session, f"{shipped.url}/openapi.json")
+            if "SignUp" in doc["components"]["schemas"]:
+                break
+            await asyncio.sleep(0.1)
+        async with session.get(f"{shipped.url}/docs") as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/html"
+    validate(doc)
+    schemas = doc["components"]["schemas"]
+
+    def resolved(schema: dict[str, Any], source: dict[str, Any]) -> Any:
+        return source["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+
+    sign_up = doc["paths"]["/v1/client/sign-up"]["post"]
+    body = sign_up["requestBody"]["content"]["application/json"]["schema"]
+    assert set(resolved(body, doc)["properties"]) == {"email", "password", "name"}
+    assert resolved(body, doc)["required"] == ["email", "password"]
+    # Every seed endpoint of the auth-service: its own operation under the gateway's path.
+    auth_routes = [
+        (method, path) for path, item in own["paths"].items() for method in item
+        if path != "/healthz"
+    ]  # fmt: skip
+    assert len(auth_routes) == 17
+    public = {"/v1/client/sign-up", "/v1/client/sign-in/password"}
+    public |= {"/v1/client/refresh_token", "/v1/client/logout"}
+    for method, path in auth_routes:
+        theirs, ours = own["paths"][path][method], doc["paths"][path][method]
+        assert (ours["operationId"], ours["summary"]) == (
+            theirs["operationId"], theirs["summary"],
+        ), path  # fmt: skip
+        if "requestBody" in theirs:
+            mine = ours["requestBody"]["content"]["application/json"]["schema"]
+            src = theirs["requestBody"]["content"]["application/json"]["schema"]
+            assert resolved(mine, doc) == resolved(src, own), path
+        for status, answer in theirs["responses"].items():
+            mine = ours["responses"][status]["content"]["application/json"]["schema"]
+            assert mine == answer["content"]["application/json"]["schema"], (path, status)
+        # Identity headers are the gateway's to set: not documented for clients.
+        names = {p.get("name") for p in ours["parameters"]}
+        assert not names & {"X-User-Id", "X-Org-Id"}, path
+        if path in public:
+            assert "security" not in ours, path
+        else:
+            chain = "internal" if path.startswith("/auth/") else "jwt"
+            assert ours["security"] == [{chain: []}], path
+    assert "/healthz" not in doc["paths"]  # the auth-service's, not routed by the gateway
+    assert {"Session", "Me", "MemberList", "InviteCreate", "GatewayError"} <= set(schemas)
 
 
 async def test_chat_websocket_echo_through_the_gateway(shipped: RunningGateway) -> None:

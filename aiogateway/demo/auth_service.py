@@ -5,6 +5,8 @@ issue HS256 access tokens (``JWT_SECRET``, issuer ``auth-service``) that the
 gateway's jwt-check accepts; protected endpoints trust the identity headers
 the gateway forwards (``X-User-Id``, ``X-Org-Id``) — the gateway strips any a
 client sends. Users, organisations, invites and refresh tokens live in memory.
+Its own OpenAPI 3.1 document (:mod:`.auth_openapi`) is at ``/openapi.json``,
+which the gateway merges into its /docs.
 
 Run: ``JWT_SECRET=... python -m aiogateway.demo.auth_service --port 8001``.
 """
@@ -22,7 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+import orjson
 from aiohttp import web
+
+from .auth_openapi import document
 
 __all__ = ["ISSUER", "AuthState", "main", "make_app"]
 
@@ -350,6 +355,15 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _openapi_handler() -> Any:
+    body = orjson.dumps(document())
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return openapi
+
+
 def make_app(secret: str) -> web.Application:
     app = web.Application()
     app[STATE] = AuthState(secret)
@@ -373,6 +387,7 @@ def make_app(secret: str) -> web.Application:
             web.get("/auth/org/{id}", get_org),
             web.get("/auth/org/{id}/members", get_org_members),
             web.get("/healthz", healthz),
+            web.get("/openapi.json", _openapi_handler()),
         ]
     )
     return app
