@@ -183,7 +183,10 @@ class AuditLog(Plugin[AuditLogConfig]):
                 delay = min(delay * 2, 5.0)
                 continue
             log.info("audit-log %s: connected to PostgreSQL", self.name)
-            return  # readiness turns true with the first batch written
+            # Ready now, not at the next batch: an idle gateway must not look down.
+            # A failing write turns it back (see _outcome).
+            self._set_ready(True, "")
+            return
 
     async def shutdown(self, app: GatewayApp) -> None:
         if self._connector is not None:

@@ -351,6 +351,10 @@ async def _not_ready(client: aiohttp.ClientSession, gw: RunningGateway) -> bool:
     return (await readiness(client, gw))["ready"] is False
 
 
+async def _ready(client: aiohttp.ClientSession, gw: RunningGateway) -> bool:
+    return (await readiness(client, gw))["ready"] is True
+
+
 async def _has_segments(spool: Path) -> bool:
     return any(spool.glob("*.seg"))
 
@@ -419,6 +423,7 @@ async def test_down_at_startup_serves_spools_and_counts_drops_past_the_cap(
     assert 0 < outcomes.audit["spooled"] <= 20000 // 300
 
     relay.restore()
+    await until(lambda: _ready(client, gw))
     await rows_reach(db, 300 - dropped)
     await asyncio.sleep(0.5)
     assert await count(db) == (300 - dropped, 300 - dropped)
