@@ -1,7 +1,10 @@
 """/docs in a real browser: headless Chromium (Debian's ``chromium``) loads Swagger UI
 from the gateway (no network beyond loopback), which fetches /openapi.json and
 renders the operations list, the upstream's own summaries and schemas included.
-Assertions are on the rendered DOM; the screenshot is kept for people, not compared."""
+Assertions are on the rendered DOM; the screenshot is kept for people, not compared.
+
+The shipped config.toml with the sample auth-service is rendered too: what
+``make dev`` shows at http://localhost:8002/docs."""
 
 from __future__ import annotations
 
@@ -13,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateway import StartGateway
+from aiogateway.demo.auth_openapi import document as auth_document
+from tests.support.gateway import RunningGateway, StartGateway
 from tests.support.upstreams import StartUpstream
+from tests.test_examples import shipped
 from tests.test_openapi import BILLING_DOC, USERS_DOC, config, get_document, merged, service_app
+
+__all__ = ["shipped"]  # the fixture: the shipped config.toml before the sample services
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -55,6 +62,15 @@ async def chromium(profile: Path, *args: str) -> bytes:
     return out
 
 
+def rendered_operations(dom: str) -> set[tuple[str, str]]:
+    return {
+        (html.unescape(method), html.unescape(path))
+        for method, path in re.findall(
+            r'opblock-summary-method">([A-Z]+)</span>.*?data-path="([^"]+)"', dom
+        )
+    }
+
+
 async def test_docs_render_operations_in_headless_chromium(
     tmp_path: Path, start_gateway: StartGateway, start_upstream: StartUpstream
 ) -> None:
@@ -68,12 +84,7 @@ async def test_docs_render_operations_in_headless_chromium(
     assert 'id="swagger-ui"' in dom
     assert "Unable to render this definition" not in dom
     assert "Failed to load API definition" not in dom
-    rendered = {
-        (html.unescape(method), html.unescape(path))
-        for method, path in re.findall(
-            r'opblock-summary-method">([A-Z]+)</span>.*?data-path="([^"]+)"', dom
-        )
-    }
+    rendered = rendered_operations(dom)
     assert {
         ("GET", "/v1/users/{id}"),
         ("DELETE", "/v1/users/{id}"),
@@ -93,3 +104,20 @@ async def test_docs_render_operations_in_headless_chromium(
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
+
+
+async def test_shipped_docs_render_every_seed_endpoint_with_the_auth_bodies(
+    tmp_path: Path, shipped: RunningGateway
+) -> None:
+    await get_document(shipped.url, lambda d: "SignUp" in d["components"]["schemas"])
+    dom = (await chromium(tmp_path / "profile", "--dump-dom", f"{shipped.url}/docs")).decode()
+    assert "Failed to load API definition" not in dom
+    own = auth_document()["paths"]
+    seed = {(m.upper(), p) for p, item in own.items() for m in item if p != "/healthz"}
+    seed |= {("GET", f"/v1/{name}/{{path}}") for name in ("billing", "chat", "tpl", "user")}
+    assert len(seed) == 21
+    assert seed <= rendered_operations(dom)
+    for summary in ("Sign up", "Sign in with a password", "Accept an invite"):
+        assert f">{summary}<" in dom, summary  # the auth-service's own summaries
+    for schema in ("SignUp", "Session", "MemberList", "InviteCreate", "GatewayError"):
+        assert f">{schema}<" in dom, schema
