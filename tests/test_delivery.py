@@ -13,12 +13,16 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiogateway.delivery import DeliveryQueue
 from aiogateway.spool import HEADER, MAGIC, Spool
@@ -465,3 +469,66 @@ async def test_segments_of_a_killed_process_are_adopted(tmp_path: Path) -> None:
     await until(lambda: len(sink.received) == 999)
     await q.close(5)
     assert sink.received == records(1, 1000)
+
+
+# Spool, as a property: whatever the interleaving of appends, reads, acks and
+# restarts (close, then a new Spool adopting the files), the acknowledged
+# records are exactly the appended ones, in order.
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.binary(max_size=300)),
+        st.tuples(st.just("deliver"), st.integers(1, 20)),
+        st.tuples(st.just("read-no-ack"), st.integers(1, 20)),
+        st.tuples(st.just("write"), st.just(0)),
+        st.tuples(st.just("restart"), st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_OPS, segment_bytes=st.sampled_from([1, 100, 1000, 1 << 20]))
+def test_spool_acknowledges_exactly_what_was_appended_in_order(
+    ops: list[tuple[str, Any]], segment_bytes: int
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        directory = Path(d)
+
+        def open_spool() -> Spool:
+            s = Spool(directory, max_bytes=1 << 30, segment_bytes=segment_bytes)
+            s.adopt()
+            return s
+
+        spool = open_spool()
+        appended: list[bytes] = []
+        acked: list[bytes] = []
+        for op, arg in ops:
+            if op == "append":
+                assert spool.append(arg)
+                appended.append(arg)
+            elif op == "deliver":
+                got, token = spool.take(arg)
+                if token is not None:
+                    spool.ack(token)
+                acked.extend(got)
+            elif op == "read-no-ack":
+                spool.take(arg)  # then "crash" before acking: the restart replays them
+                spool.close()
+                spool = open_spool()
+            elif op == "write":
+                spool.write_pending()
+            else:
+                spool.close()
+                spool = open_spool()
+            assert spool.records == len(appended) - len(acked)
+        while True:
+            got, token = spool.take(7)
+            if token is None:
+                break
+            spool.ack(token)
+            acked.extend(got)
+        assert acked == appended
+        assert spool.size == 0
+        spool.close()
+        assert list(directory.glob("*.seg")) == []
