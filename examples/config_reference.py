@@ -20,7 +20,13 @@ from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
 
 from aiogateway.registry import BUILTIN_PLUGINS, resolve_plugin_class
-from aiogateway.settings import EventSpec, RouteSettings, ServerSettings, UpstreamSettings
+from aiogateway.settings import (
+    DocsSettings,
+    EventSpec,
+    RouteSettings,
+    ServerSettings,
+    UpstreamSettings,
+)
 
 __all__ = ["BEGIN", "END", "README", "reference", "replace_in"]
 
@@ -33,6 +39,7 @@ _CORE: list[tuple[str, type[BaseModel]]] = [
     ("[upstreams.NAME]", UpstreamSettings),
     ("[[routes]]", RouteSettings),
     ("routes.event", EventSpec),
+    ("[docs]", DocsSettings),
 ]
 
 

@@ -29,6 +29,7 @@ from aiogateway.demo.auth_openapi import document as auth_document
 from aiogateway.demo.auth_service import make_app as auth_app
 from aiogateway.demo.echo_service import make_app as echo_app
 from aiogateway.errors import ConfigError
+from aiogateway.settings import GatewaySettings
 from examples.config_reference import BEGIN, END, reference, replace_in
 from examples.ip_allow import IpAllow
 from tests.support.gateway import RunningGateway, StartGateway
@@ -58,8 +59,13 @@ def test_readme_config_reference_is_generated_from_the_models() -> None:
     # Spot checks that the generator covers what it should.
     needed = ["`shutdown_timeout`", "`read_timeout`", "`strip_prefix`", 'type = "jwt-check"']
     needed += ["`bootstrap_servers`", "`keys`", "`dsn`", "`admin_port`"]
+    needed += ["`client_body_timeout`", "`client_header_timeout`", "`openapi`"]
+    needed += ["`openapi_path`", "`refresh_interval`", "`fetch_timeout`"]
     for key in needed:
         assert key in section
+    # Every table of config.toml has its section.
+    for table in GatewaySettings.model_fields:
+        assert f"`[{table}" in section or f"`[[{table}" in section, table
 
 
 def _ip_allow_config(upstream: str, allow: str) -> str:
