@@ -106,6 +106,7 @@ class Verifier:
             for rec in fetched.get(tp, ()):
                 if any(k == "ce_id" and v in ce_ids for k, v in rec.headers):
                     found = True  # a batch is written whole or not at all
+        consumer.unsubscribe()  # no background fetching between verifications
         self.ends[tp] = max(end, self.ends.get(tp, 0))
         return found
 
@@ -127,8 +128,16 @@ class Verifier:
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
+        if consumer is None:
+            return
+        try:
             await consumer.stop()
+        except asyncio.CancelledError:
+            # aiokafka's fetcher re-raises the cancellation of its own pending
+            # fetch (broker unreachable at shutdown); only ours must propagate.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
 
 
 class Handover:

@@ -653,27 +653,3 @@ async def test_lost_answer_is_verified_not_resent(
         assert [orjson.loads(r.value)["data"]["request_id"] for r in recs] == ["r0", "r1", "r2"]
     finally:
         await proxy.close()
-
-
-async def test_broker_restart_delivers_events_of_the_outage(
-    start_kafka_broker: StartBroker,
-    recording_upstream: RecordingUpstream,
-    start_gateway: StartGateway,
-) -> None:
-    broker = await start_kafka_broker()
-    topic = topic_name()
-    await create_topics(broker.bootstrap, [topic])
-    gw = await start_gateway(
-        config(recording_upstream.url, broker.bootstrap, topic, extra="queue_size = 20")
-    )
-    async with aiohttp.ClientSession() as http:
-        for i in range(50):
-            await post_as(http, gw.url, f"user-{i % 4}", f"a{i:04d}")
-        await consume(broker.bootstrap, topic, 50)
-        broker.stop()  # memory-only: the restarted broker starts empty
-        for i in range(100):
-            await post_as(http, gw.url, f"user-{i % 4}", f"b{i:04d}")
-        await asyncio.to_thread(broker.start)
-        await create_topics(broker.bootstrap, [topic])
-    recs = await consume(broker.bootstrap, topic, 100, timeout=60)
-    assert_exact_and_ordered(recs, [f"b{i:04d}" for i in range(100)])
