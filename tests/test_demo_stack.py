@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import psutil  # type: ignore[import-untyped]
 import pytest
 
@@ -93,6 +94,7 @@ async def test_make_dev_reuses_services_runs_the_walkthrough_and_stops_on_ctrl_c
         w = await run(stack, out=lines.append)
         _assert_walkthrough(w, lines)
         await _run_pasted_walkthrough(banner, tmp_path)
+        await _assert_docs(banner, stack.gateway)
 
         # `make demo` while `make dev` runs: it uses the running stack, starts nothing.
         demo = await _launch(tmp_path, _env(), "--demo")
@@ -109,6 +111,27 @@ async def test_make_dev_reuses_services_runs_the_walkthrough_and_stops_on_ctrl_c
     assert "dev stack stopped" in rest[0].decode()
     assert not _gone(children)
     assert not (tmp_path / ".run" / "devstack.json").exists()
+
+
+async def _assert_docs(banner: str, gateway: str) -> None:
+    """The API docs the banner names: Swagger UI, and the auth-service's bodies merged."""
+    found = re.search(r"^  API docs +(\S+)/docs ", banner, re.MULTILINE)
+    assert found is not None, banner
+    assert found.group(1) == gateway
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gateway}/docs") as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/html"
+        for _ in range(100):  # the auth-service's document is fetched in the background
+            async with session.get(f"{gateway}/openapi.json") as resp:
+                assert resp.status == 200
+                doc = await resp.json()
+            if "SignUp" in doc["components"]["schemas"]:
+                break
+            await asyncio.sleep(0.1)
+    sign_up = doc["paths"]["/v1/client/sign-up"]["post"]
+    schema = sign_up["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/SignUp"}
 
 
 def _assert_walkthrough(w: object, lines: list[str]) -> None:

@@ -197,6 +197,7 @@ class DevStack:
 aiogateway dev stack is up. Ctrl-C stops everything it started.
 
   gateway       {stack.gateway}  ({self.args.config}; /healthz /readyz /metrics)
+  API docs      {stack.gateway}/docs  (Swagger UI of {stack.gateway}/openapi.json)
   auth-service  http://127.0.0.1:{auth_port}
   echo service  ports {", ".join(map(str, echo_ports))} (billing, chat, tpl, user)
   PostgreSQL    {stack.database_url}  ({self.notes["postgres"]}; migrations: \
