@@ -76,9 +76,7 @@ def swagger_ui_assets() -> dict[str, tuple[bytes, str]]:
     """Swagger UI's files by name: (bytes, content type). Read once per process."""
     spec = importlib.util.find_spec(ASSET_PACKAGE)  # finds without importing (or Flask)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {ASSET_PACKAGE!r} is not installed (the {DOCS_EXTRA!r} extra)"
-        )
+        raise FileNotFoundError(f"no package {ASSET_PACKAGE!r}")
     dist = Path(next(iter(spec.submodule_search_locations))) / "dist"
     return {name: ((dist / name).read_bytes(), ctype) for name, ctype in ASSETS.items()}
 
