@@ -167,7 +167,9 @@ class ProxyHandler:
         headers: dict[str, str] | None = None,
     ) -> web.Response:
         exchange.status = status
-        return errors.error_response(status, code, message, exchange.request_id, headers)
+        response = errors.error_response(status, code, message, exchange.request_id, headers)
+        exchange.bytes_out = response.content_length or 0
+        return response
 
     async def _endpoint(
         self, exchange: Exchange, endpoint: Endpoint, chain: Chain
@@ -182,12 +184,14 @@ class ProxyHandler:
             return self._rejected(exchange, rejection)
         response = await endpoint.handler(exchange.request)
         exchange.status = response.status
+        exchange.bytes_out = response.content_length or 0
         if not response.prepared:
             response.headers["X-Request-ID"] = exchange.request_id
         return response
 
     def _rejected(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
         exchange.status = response.status
+        exchange.bytes_out = response.content_length or 0
         response.headers["X-Request-ID"] = exchange.request_id
         self.telemetry.plugin_rejection(
             exchange.rejected_by or "", exchange.route_name, response.status

@@ -44,7 +44,7 @@ COLUMNS = (
 KEY_COLUMNS = frozenset({"id", "occurred_at", "request_id"})  # always recorded
 _MAX_TEXT = 2048  # longest user_agent / path kept; a row is no place for megabytes
 _STAGING = "audit_log_staging"
-_MIN_CHUNK = 100  # rows: a smaller share of a batch is not worth another connection
+_MIN_CHUNK = 1000  # rows: only a backlog (spool replay, bursts) is worth more connections
 _COLS = ", ".join(COLUMNS)
 _COLLIDED = ", ".join(
     "s.request_id || '#' || s.id::text" if c == "request_id" else f"s.{c}" for c in COLUMNS

@@ -150,6 +150,7 @@ async def test_rejection_stops_chain_but_on_complete_runs_for_all(
     ]
     assert completed[0].rejected_by == "deny"
     assert completed[0].status == 403
+    assert completed[0].bytes_out > 0  # the JSON error body
 
 
 async def test_on_complete_failure_is_logged_not_shown(
