@@ -62,8 +62,9 @@ def refused(exc: BaseException) -> bool:
 class Verifier:
     """Reads partitions back to settle whether a doubtful batch was written."""
 
-    def __init__(self, connection: dict[str, Any]) -> None:
+    def __init__(self, connection: dict[str, Any], timeout: float) -> None:
         self._connection = connection
+        self._timeout = timeout  # one lookup's limit; a stuck client is replaced
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()  # one assignment at a time
         self.ends: dict[TopicPartition, int] = {}  # offsets known to precede our next batch
@@ -73,9 +74,17 @@ class Verifier:
         end = self.ends.get(tp)
         if end is None:
             async with self._lock:
-                consumer = await self._client()
-                end = (await consumer.end_offsets([tp]))[tp]
+                try:
+                    end = await asyncio.wait_for(self._end(tp), self._timeout)
+                except TimeoutError:
+                    await self.close()
+                    raise
             self.ends[tp] = end
+        return end
+
+    async def _end(self, tp: TopicPartition) -> int:
+        consumer = await self._client()
+        end: int = (await consumer.end_offsets([tp]))[tp]
         return end
 
     def acknowledged(self, tp: TopicPartition, end: int) -> None:
@@ -85,11 +94,12 @@ class Verifier:
         """Whether the batch with these ids is in ``tp`` (waits for the broker)."""
         delay = 0.1
         while True:
-            try:
-                async with self._lock:
-                    return await self._scan(tp, start, ce_ids)
-            except (KafkaError, OSError) as exc:
-                log.info("kafka-emit: cannot verify %s yet: %s", tp, exc)
+            async with self._lock:
+                try:
+                    return await asyncio.wait_for(self._scan(tp, start, ce_ids), self._timeout)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    log.info("kafka-emit: cannot verify %s yet: %r", tp, exc)
+                    await self.close()  # start afresh: the client may be wedged
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -99,6 +109,7 @@ class Verifier:
         if start > end:  # the log is shorter than we knew (a broker that lost it): read it all
             start = 0
         consumer.assign([tp])
+        consumer.resume(tp)  # paused after the previous check of the same partition
         consumer.seek(tp, start)
         found = False
         while await consumer.position(tp) < end:
@@ -106,7 +117,7 @@ class Verifier:
             for rec in fetched.get(tp, ()):
                 if any(k == "ce_id" and v in ce_ids for k, v in rec.headers):
                     found = True  # a batch is written whole or not at all
-        consumer.unsubscribe()  # no background fetching between verifications
+        consumer.pause(tp)  # no background fetching between verifications
         self.ends[tp] = max(end, self.ends.get(tp, 0))
         return found
 
@@ -132,6 +143,8 @@ class Verifier:
             return
         try:
             await consumer.stop()
+        except (KafkaError, OSError):
+            log.debug("kafka-emit: verifier client closed with an error", exc_info=True)
         except asyncio.CancelledError:
             # aiokafka's fetcher re-raises the cancellation of its own pending
             # fetch (broker unreachable at shutdown); only ours must propagate.
@@ -188,7 +201,7 @@ class Handover:
         self.done[part] = 0
         try:
             start = await verifier.lower_bound(tp)
-        except KafkaError as exc:
+        except (KafkaError, OSError, TimeoutError) as exc:
             log.debug("kafka-emit: %s: no end offset: %s", tp, exc)
             return
         i = 0

@@ -134,7 +134,9 @@ class EventProducer:
             # With idempotence the client's own retries are safe (and needed).
             if not self.settings.enable_idempotence and not send_once(producer):
                 log.warning("aiokafka internals changed: a lost answer may duplicate events")
-            self._verifier = Verifier(self.settings.connection_kwargs())
+            self._verifier = Verifier(
+                self.settings.connection_kwargs(), self.settings.request_timeout
+            )
             self._producer = producer
             self._report(True, "connected")
             if self.settings.create_topics:
