@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -118,36 +119,36 @@ async def proxy_websocket(
     return client
 
 
+async def _pump(
+    src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    count: Callable[[int], None],
+) -> None:
+    """Forward data frames from ``src`` to ``dst`` until ``src`` closes; pass its close code."""
+    async for msg in src:
+        if msg.type is WSMsgType.TEXT:
+            count(len(msg.data))
+            await dst.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            count(len(msg.data))
+            await dst.send_bytes(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            break
+    await dst.close(code=src.close_code or 1000)
+
+
 async def _pump_both(
     exchange: Exchange, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
-    async def client_to_upstream() -> None:
-        async for msg in client:
-            if msg.type is WSMsgType.TEXT:
-                exchange.bytes_in += len(msg.data)
-                await upstream.send_str(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                exchange.bytes_in += len(msg.data)
-                await upstream.send_bytes(msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                break
-        await upstream.close(code=client.close_code or 1000)
+    def count_in(n: int) -> None:
+        exchange.bytes_in += n
 
-    async def upstream_to_client() -> None:
-        async for msg in upstream:
-            if msg.type is WSMsgType.TEXT:
-                exchange.bytes_out += len(msg.data)
-                await client.send_str(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                exchange.bytes_out += len(msg.data)
-                await client.send_bytes(msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                break
-        await client.close(code=upstream.close_code or 1000)
+    def count_out(n: int) -> None:
+        exchange.bytes_out += n
 
     tasks = [
-        asyncio.ensure_future(client_to_upstream()),
-        asyncio.ensure_future(upstream_to_client()),
+        asyncio.ensure_future(_pump(client, upstream, count_in)),
+        asyncio.ensure_future(_pump(upstream, client, count_out)),
     ]
     try:
         _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
