@@ -21,6 +21,7 @@ import httptools
 import orjson
 import pytest
 
+from fuzz.targets import fuzz_headers, fuzz_response_headers
 from tests.support.gateway import RunningGateway, StartGateway
 
 __all__ = ["RawRequest", "RawUpstream", "read_responses"]
@@ -404,3 +405,23 @@ async def test_unknown_transfer_coding_is_not_silently_dropped(
         writer.close()
     assert [r.status for r in responses] in ([400], [501])
     assert raw_upstream.requests == []
+
+
+# -- fuzz targets (fuzz/targets.py), a short run; `make fuzz` runs them for longer ----
+
+
+def test_fuzz_smoke_request_headers() -> None:
+    fuzz_headers()
+
+
+@pytest.mark.xfail(
+    reason=(
+        "headers.response_headers (since 2c375ae) appends the gateway's X-Request-ID to the "
+        "upstream's headers instead of replacing theirs: an upstream X-Request-ID reaches "
+        "the client next to the gateway's (two values), and an upstream 'Connection: "
+        "X-Request-ID' makes the popall() of listed tokens remove the gateway's own id"
+    ),
+    strict=True,
+)
+def test_fuzz_smoke_response_headers() -> None:
+    fuzz_response_headers()

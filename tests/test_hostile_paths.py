@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from aiogateway.pathnorm import normalize_path
+from fuzz.targets import fuzz_normalize_path, fuzz_router
 from tests.support.gateway import RunningGateway, StartGateway
 from tests.support.tokens import sign
 from tests.support.upstreams import RecordingUpstream
@@ -462,3 +463,14 @@ async def test_underscore_variant_of_an_identity_header_is_not_forwarded(
     assert answer.status == 200
     cgi_names = {k.upper().replace("-", "_") for k, _ in recording_upstream.last.headers}
     assert not cgi_names & {"X_USER_ID", "X_USER_ROLE"}
+
+
+# -- fuzz targets (fuzz/targets.py), a short run; `make fuzz` runs them for longer ----
+
+
+def test_fuzz_smoke_normalize_path() -> None:
+    fuzz_normalize_path()
+
+
+def test_fuzz_smoke_router() -> None:
+    fuzz_router()
