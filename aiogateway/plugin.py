@@ -95,8 +95,14 @@ class GatewayApp(Protocol):
         """0..workers-1; 0 when running a single process."""
         ...
 
-    def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
-        """Report a dependency's state; /readyz shows it."""
+    def set_ready(
+        self, component: str, ready: bool, detail: str = "", *, critical: bool = True
+    ) -> None:
+        """Report a dependency's state; /readyz shows it.
+
+        ``critical=False``: the gateway still serves correctly without it (work
+        spools), so /readyz stays 200 with status "degraded" instead of 503.
+        """
         ...
 
 

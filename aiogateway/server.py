@@ -60,7 +60,9 @@ class Gateway:
         self._worker_id = worker_id
         self._reuse_port = reuse_port
         self.telemetry = Telemetry()
+        # component -> (ready, detail); components in `degradable` do not fail /readyz.
         self.readiness: dict[str, tuple[bool, str]] = {}
+        self.degradable: set[str] = set()
         # Component -> the table whose plugin reported it; tables replaced by a reload.
         self._ready_owner: dict[str, RouteTable] = {}
         self._retired: weakref.WeakSet[RouteTable] = weakref.WeakSet()
@@ -96,13 +98,19 @@ class Gateway:
     def worker_id(self) -> int:
         return self._worker_id
 
-    def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
+    def set_ready(
+        self, component: str, ready: bool, detail: str = "", *, critical: bool = True
+    ) -> None:
         table = _reporting_table.get()
         if table is not None:
             if table in self._retired:
                 return  # a replaced table's plugins no longer speak for this gateway
             self._ready_owner[component] = table
         self.readiness[component] = (ready, detail)
+        if critical:
+            self.degradable.discard(component)
+        else:
+            self.degradable.add(component)
 
     def _forget_components(self, table: RouteTable) -> None:
         """Drop what ``table``'s plugins reported (they are gone): /readyz must not stay 503."""
@@ -284,18 +292,24 @@ class Gateway:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
     async def _readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        """200 "ready"; 200 "degraded" when only non-critical dependencies are down
+        (their work spools, requests still succeed); 503 "not_ready" otherwise."""
         components = {
-            name: {"ready": ready, "detail": detail}
+            name: {"ready": ready, "detail": detail, "critical": name not in self.degradable}
             for name, (ready, detail) in sorted(self.readiness.items())
         }
-        ready = all(ready for ready, _ in self.readiness.values())
+        down = [name for name, (ready, _) in self.readiness.items() if not ready]
+        critical_down = [name for name in down if name not in self.degradable]
+        status = "not_ready" if critical_down else "degraded" if down else "ready"
         body = {
-            "status": "ready" if ready else "not_ready",
+            "status": status,
             "pid": os.getpid(),
             "worker": self._worker_id,
             "routes": len(self.table.routes),
             "components": components,
         }
         return web.Response(
-            status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json"
+            status=503 if critical_down else 200,
+            body=orjson.dumps(body),
+            content_type="application/json",
         )

@@ -216,7 +216,8 @@ class AuditLog(Plugin[AuditLogConfig]):
     def _set_ready(self, ready: bool, detail: str) -> None:
         self._ready = ready
         if self._app is not None:
-            self._app.set_ready(self.name, ready, detail)
+            # Not critical: while PostgreSQL is away rows spool and requests succeed.
+            self._app.set_ready(self.name, ready, detail, critical=False)
 
     # Request path ------------------------------------------------------------
 

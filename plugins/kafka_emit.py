@@ -256,7 +256,8 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         # After shutdown began (a reload retiring this instance) the component
         # name belongs to the successor: stay quiet.
         if self._app is not None and not self._closing:
-            self._app.set_ready(self.name, ready, detail)
+            # Not critical: while Kafka is away events spool and requests succeed.
+            self._app.set_ready(self.name, ready, detail, critical=False)
 
     def _on_refused(self, topic: str, count: int) -> None:
         entry = self._topics.get(topic)

@@ -38,6 +38,15 @@ class NotReady(Plugin[PluginConfig]):
         app.set_ready("dep", False, "down")
 
 
+class Degraded(Plugin[PluginConfig]):
+    """Reports a dependency whose absence only degrades the gateway (work spools)."""
+
+    type_name = "degraded"
+
+    async def startup(self, app: GatewayApp) -> None:
+        app.set_ready("spool", False, "spooling", critical=False)
+
+
 class ReadyDep(Plugin[PluginConfig]):
     """Reports the same dependency as NotReady, as up."""
 
@@ -444,8 +453,21 @@ async def test_readyz_503_when_a_component_is_down(
         assert await get_status(s, f"{gw.url}/healthz") == 200
         assert await get_status(s, f"{gw.url}/a") == 200
     assert body["status"] == "not_ready"
-    assert body["components"]["dep"] == {"ready": False, "detail": "down"}
+    assert body["components"]["dep"] == {"ready": False, "detail": "down", "critical": True}
     assert body["components"]["config"]["ready"] is True
+
+
+async def test_readyz_degraded_but_200_when_a_non_critical_component_is_down(
+    start_gateway: StartGateway, slow_upstream: tuple[SlowUpstream, RunningUpstream]
+) -> None:
+    _, up = slow_upstream
+    extra = '\n[plugins.dep]\ntype = "tests.test_lifecycle:Degraded"\n'
+    gw = await start_gateway(make_config(up.url, extra=extra, chain='["dep"]'))
+    async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/readyz") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["status"] == "degraded"
+    assert body["components"]["spool"] == {"ready": False, "detail": "spooling", "critical": False}
 
 
 # Plugin failures ----------------------------------------------------------------

@@ -187,7 +187,11 @@ async def test_jwks_unreachable_at_startup_503_then_recovers(
         await asyncio.sleep(0.6)
         assert (await call(client, gw, sign(claims(), pair))).status == 200
         ready = await call(client, gw, path="/readyz")
-        assert ready.body["components"]["jwks:jwt"] == {"ready": True, "detail": ""}
+        assert ready.body["components"]["jwks:jwt"] == {
+            "ready": True,
+            "detail": "",
+            "critical": True,
+        }
     finally:
         await server.stop()
 
