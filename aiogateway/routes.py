@@ -36,7 +36,9 @@ class Route:
 
     @property
     def pattern(self) -> str:
-        return self.path if self.path is not None else f"{self.prefix}/**"
+        if self.path is not None:
+            return self.path
+        return f"{(self.prefix or '').rstrip('/')}/**"  # prefix "/" reads "/**", not "//**"
 
 
 @dataclass(eq=False)
