@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install dev demo test lint test-tools bench bench-quick clean
+.PHONY: install dev demo test lint test-tools bench bench-quick fuzz soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# Fuzz normalize_path, Router.match and the header rewriting (fuzz/targets.py) for
+# FUZZ_SECONDS (default 60), then the config.toml properties with 500 examples each (~1 min).
+fuzz: $(STAMP)
+	$(BIN)/python fuzz/run.py --seconds $${FUZZ_SECONDS:-60}
+
+# SOAK_MINUTES (default 10) at SOAK_RPS (default 100) through the full plugin chain with
+# PostgreSQL and a Kafka broker; RSS/fds/tasks slopes, non-2xx, audit rows = events = requests.
+soak: $(STAMP)
+	$(BIN)/python soak/run.py
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

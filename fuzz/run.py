@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(os.environ.get("FUZZ_SEED") or time.time()))
     parser.add_argument("--target", choices=sorted(TARGETS), action="append")
     parser.add_argument("--atheris", action="store_true", help="coverage-guided (one target)")
-    parser.add_argument("--config-examples", type=int, default=1000)
+    parser.add_argument("--config-examples", type=int, default=500)
     args = parser.parse_args()
     names = args.target or sorted(TARGETS)
     if args.atheris:
@@ -62,9 +62,15 @@ def main() -> int:
     share = args.seconds * 0.8 / len(names)
     print(f"fuzz: seed {args.seed}, {share:.0f}s per target", flush=True)
     total = 0
+    failed: list[str] = []
     for i, name in enumerate(names):
         started = time.monotonic()
-        runs = run_random(name, share, args.seed + i)
+        try:
+            runs = run_random(name, share, args.seed + i)
+        except Exception as exc:  # hypothesis printed the falsifying input above
+            failed.append(name)
+            print(f"fuzz: {name:15} FAILED after {time.monotonic() - started:.1f}s: {exc!r}")
+            continue
         took = time.monotonic() - started
         total += runs
         print(
@@ -83,8 +89,8 @@ def main() -> int:
         f"fuzz: config properties, {args.config_examples} examples per property, "
         f"{time.monotonic() - started:.0f}s: {'ok' if result.returncode == 0 else 'FAILED'}"
     )
-    print(f"fuzz: {total} inputs over {len(names)} targets")
-    return result.returncode
+    print(f"fuzz: {total} inputs over {len(names)} targets; failed: {failed or 'none'}")
+    return 1 if failed or result.returncode else 0
 
 
 if __name__ == "__main__":
