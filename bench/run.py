@@ -487,10 +487,10 @@ def main() -> int:
     b.rows.sort(key=lambda r: order[(r.body, r.conns)])
     tool = "wrk -t1" if b.use_wrk else "bench/loadgen.py (Python client: slower than wrk)"
     pin = "proxy on core 0, upstream and load on core 1" if b.proxy_cpus else "not pinned"
-    flag = " --quick" if args.quick else " --plugins" if args.plugins else ""
+    command = " ".join(["python bench/run.py", *sys.argv[1:]])
     header = (
         f"{started:%Y-%m-%d %H:%M} UTC, commit {commit()}, {upstream.name}, load: {tool}, {pin}, "
-        f"best of {args.rounds} interleaved rounds, command: `python bench/run.py{flag}`"
+        f"best of {args.rounds} interleaved rounds, command: `{command}`"
     )
     table = format_table(b.rows)
     checks = targets(b.rows, b.scaling)
