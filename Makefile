@@ -59,6 +59,7 @@ fuzz: $(STAMP)
 
 # SOAK_MINUTES (default 10) at SOAK_RPS (default 100) through the full plugin chain with
 # PostgreSQL and a Kafka broker; RSS/fds/tasks slopes, non-2xx, audit rows = events = requests.
+# SOAK_OUTAGE=1: PostgreSQL and Kafka cut for the middle fifth (latency within 2x, no loss).
 soak: $(STAMP)
 	$(BIN)/python soak/run.py
 

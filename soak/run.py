@@ -45,6 +45,8 @@ import jwt  # noqa: E402
 import psutil  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from tests.support.relay import Relay  # noqa: E402
+
 JWT_SECRET = "soak-secret-0123456789abcdef0123456789"
 SERVICE_KEY = "soak-service-key-0123"
 TOPIC = "soak-events"
@@ -165,12 +167,21 @@ async def postgres() -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def kafka() -> AsyncIterator[str]:
+async def kafka(outage: bool) -> AsyncIterator[tuple[str, Relay | None]]:
+    """(bootstrap for the gateway, relay in front of the broker when ``outage``)."""
     from tests.support.kafka import KafkaBroker, create_topics
 
-    broker = None
+    broker = relay = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
+    if outage:
+        # The broker advertises the relay, so every connection after bootstrap goes
+        # through it (and is cut with it): an external broker cannot do that.
+        port = free_port()
+        relay = await Relay("127.0.0.1", port).start()
+        broker = await asyncio.to_thread(lambda: KafkaBroker(port, relay.port).start())
+        bootstrap = relay.address
+        log(f"Kafka: Tansu broker on :{port}, behind a relay on {bootstrap}")
+    elif not bootstrap:
         broker = await asyncio.to_thread(lambda: KafkaBroker().start())
         bootstrap = broker.bootstrap
         log(f"Kafka: Tansu broker on {bootstrap}")
@@ -178,8 +189,10 @@ async def kafka() -> AsyncIterator[str]:
         log(f"Kafka: {bootstrap}")
     try:
         await create_topics(bootstrap, [TOPIC])
-        yield bootstrap
+        yield bootstrap, relay
     finally:
+        if relay is not None:
+            await relay.close()
         if broker is not None:
             await asyncio.to_thread(broker.close)
 
@@ -214,7 +227,7 @@ class Load:
     sent: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (started, seconds)
 
     @property
     def non_2xx(self) -> int:
@@ -263,9 +276,15 @@ async def run_load(url: str, rps: float, conns: int, seconds: float, load: Load)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     name = type(exc).__name__
                     load.errors[name] = load.errors.get(name, 0) + 1
-                load.latencies.append(time.perf_counter() - t0)
+                load.latencies.append((t0, time.perf_counter() - t0))
 
         await asyncio.gather(*(worker() for _ in range(conns)))
+
+
+def percentiles(durations: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    lat = sorted(durations) or [0.0]
+    return lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -331,7 +350,19 @@ async def soak(args: argparse.Namespace) -> int:
     seconds = args.minutes * 60
     warmup = max(60.0, seconds * 0.2) if seconds >= 150 else seconds * 0.3
     work = Path(tempfile.mkdtemp(prefix="aiogw-soak-"))
-    async with postgres() as dsn, kafka() as bootstrap, upstream() as upstream_url:
+    pg_relay: Relay | None = None
+    async with (
+        postgres() as dsn,
+        kafka(args.outage) as (bootstrap, kafka_relay),
+        upstream() as upstream_url,
+    ):
+        gateway_dsn = dsn
+        if args.outage:
+            parts = urlsplit(dsn)
+            pg_relay = await Relay(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+            netloc = parts.netloc.rsplit("@", 1)
+            at = f"{netloc[0]}@" if len(netloc) == 2 else ""
+            gateway_dsn = urlunsplit(parts._replace(netloc=f"{at}{pg_relay.address}"))
         config = work / "config.toml"
         config.write_text(
             CONFIG.format(
@@ -339,7 +370,7 @@ async def soak(args: argparse.Namespace) -> int:
                 upstream=upstream_url,
                 jwt_secret=JWT_SECRET,
                 service_key=SERVICE_KEY,
-                dsn=dsn,
+                dsn=gateway_dsn,
                 bootstrap=bootstrap,
                 topic=TOPIC,
             )
@@ -362,13 +393,30 @@ async def soak(args: argparse.Namespace) -> int:
                 f"warm-up {warmup:.0f} s"
             )
             load = Load()
+            outage_at = (seconds * 0.4, seconds * 0.6) if args.outage else None
+            if outage_at is not None:
+                log(f"PostgreSQL and Kafka cut from {outage_at[0]:.0f} s to {outage_at[1]:.0f} s")
+            load_started = time.perf_counter()
             loader = asyncio.ensure_future(run_load(url, args.rps, args.conns, seconds, load))
             samples: list[Sample] = []
             started = time.monotonic()
+            cut = False
             while True:
                 await asyncio.wait([loader], timeout=args.every)
                 if loader.done():
                     break  # a sample after the load ended would not be steady state
+                elapsed = time.monotonic() - started
+                if outage_at is not None and pg_relay is not None and kafka_relay is not None:
+                    if not cut and outage_at[0] <= elapsed < outage_at[1]:
+                        pg_relay.cut()
+                        kafka_relay.cut()
+                        cut = True
+                        log("PostgreSQL and Kafka relays cut")
+                    elif cut and elapsed >= outage_at[1]:
+                        pg_relay.restore()
+                        kafka_relay.restore()
+                        cut = False
+                        log("PostgreSQL and Kafka relays restored")
                 s = Sample(
                     t=time.monotonic() - started,
                     rss=gw.memory_info().rss / 2**20,
@@ -389,14 +437,15 @@ async def soak(args: argparse.Namespace) -> int:
         log(f"gateway exited {code} after SIGTERM (queues flushed)")
         rows = await count_rows(dsn)
         events = await count_events(bootstrap)
+        if pg_relay is not None:
+            await pg_relay.close()
 
     steady = [s for s in samples if s.t >= warmup]
     minutes = [s.t / 60 for s in steady]
     rss_slope = slope(minutes, [s.rss for s in steady])
     fd_slope = slope(minutes, [float(s.fds) for s in steady])
     task_slope = slope(minutes, [float(s.tasks) for s in steady])
-    lat = sorted(load.latencies) or [0.0]
-    p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+    p50, p99 = percentiles([d for _, d in load.latencies])
     log(
         f"requests {load.sent} in {seconds:.0f} s ({load.sent / seconds:.1f}/s), statuses "
         f"{dict(sorted(load.statuses.items()))}, errors {load.errors}, "
@@ -412,15 +461,30 @@ async def soak(args: argparse.Namespace) -> int:
         )
     log(f"audit rows {rows}, events {events}, requests {load.sent}")
     problems = []
+    if outage_at is not None:
+
+        def window(lo: float, hi: float) -> list[float]:
+            return [d for t, d in load.latencies if lo <= t - load_started < hi]
+
+        normal = percentiles(window(warmup, outage_at[0]))
+        down = percentiles(window(outage_at[0] + args.every, outage_at[1]))
+        log(
+            f"latency with dependencies up: p50 {normal[0]:.1f} ms p99 {normal[1]:.1f} ms; "
+            f"PostgreSQL and Kafka down: p50 {down[0]:.1f} ms p99 {down[1]:.1f} ms "
+            f"(x{down[0] / normal[0]:.2f} p50, x{down[1] / normal[1]:.2f} p99)"
+        )
+        if down[0] > 2 * normal[0] or down[1] > 2 * max(normal[1], 1.0):
+            problems.append("latency more than 2x normal while the dependencies were down")
     if load.non_2xx:
         problems.append(f"{load.non_2xx} non-2xx responses or errors")
     if not rows == events == load.sent:
         problems.append("audit rows, events and requests differ")
     if code != 0:
         problems.append(f"gateway exit status {code}")
-    if abs(rss_slope) > args.max_rss_slope:
+    # With an outage the queues fill and drain by design: slopes are shown, not judged.
+    if not args.outage and abs(rss_slope) > args.max_rss_slope:
         problems.append(f"RSS slope {rss_slope:+.3f} MiB/min over {args.max_rss_slope}")
-    if abs(fd_slope) > args.max_count_slope or abs(task_slope) > args.max_count_slope:
+    if not args.outage and max(abs(fd_slope), abs(task_slope)) > args.max_count_slope:
         problems.append("fd or task count not flat")
     log("FAILED: " + "; ".join(problems) if problems else "OK: flat, no errors, nothing lost")
     return 1 if problems else 0
@@ -436,6 +500,12 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--max-rss-slope", type=float, default=0.5, help="MiB/min")
     parser.add_argument("--max-count-slope", type=float, default=0.5, help="fds or tasks/min")
+    parser.add_argument(
+        "--outage",
+        action="store_true",
+        default=bool(os.environ.get("SOAK_OUTAGE")),
+        help="cut PostgreSQL and Kafka (relays) from 40%% to 60%% of the run",
+    )
     return asyncio.run(soak(parser.parse_args()))
 
 
