@@ -242,6 +242,8 @@ class Handover:
             start = verifier.ends.get(tp, start)
 
     def _partition(self, key: bytes, partitions: list[int]) -> int:
+        if len(partitions) == 1:
+            return partitions[0]  # no hash needed (keys such as request ids never repeat)
         # murmur2 is pure Python in aiokafka: cache it (user ids repeat), per partition count.
         cache = self._cache.setdefault(len(partitions), {})
         part = cache.get(key)
