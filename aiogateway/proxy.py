@@ -401,7 +401,9 @@ class ProxyHandler:
             elif len(first) == upstream.content_length:
                 # The whole body is here: head, body and end in one write.
                 exchange.bytes_out = len(first)
-                await response.write_eof(first)
+                # Typed bytes, but takes any buffer (it asserts bytes, bytearray or
+                # memoryview): a Content-Length body comes as a memoryview, uncopied.
+                await response.write_eof(first)  # type: ignore[arg-type]
                 upstream.release()
                 return response
             else:
@@ -433,7 +435,7 @@ class ProxyHandler:
         return response
 
 
-async def _first_chunk(upstream: UpstreamResponse) -> bytes | None:
+async def _first_chunk(upstream: UpstreamResponse) -> bytes | memoryview | None:
     """The first body bytes if already here or arriving within a short grace; else None."""
     if upstream.buffered or upstream.content_length == 0:
         return await upstream.read()  # returns at once

@@ -3,7 +3,9 @@ into httptools' C response parser.
 
 The hot path (idle connection -> one write -> head parsed -> body buffered) is
 kept to a handful of Python calls: no per-request timers, no per-chunk tasks,
-only the callbacks httptools needs. :mod:`aiogateway.upstream` owns the pool;
+only the callbacks httptools needs. httptools sees only response heads and
+chunked or read-until-close bodies: a Content-Length body is counted here and
+queued as the received buffers themselves (its on_body would copy each byte). :mod:`aiogateway.upstream` owns the pool;
 :mod:`aiogateway.upstream_streams` the body streams and the errors.
 """
 
@@ -67,11 +69,13 @@ class Connection(asyncio.Protocol):
         "_read_timeout",
         "_reading_paused",
         "_reason",
+        "_remaining",
         "_resp",
         "_reusable",
         "_sender",
         "_src_wait",
         "_state",
+        "_tail",
         "_timer",
         "_timer_at",
         "_transport",
@@ -105,6 +109,8 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._is_head = False
         self._reusable = True
+        self._remaining = 0  # Content-Length body bytes still to come, counted here
+        self._tail = b""  # the last bytes of an unfinished head
         self._got_bytes = False
         self._head_size = 0
         self._consumed = False
@@ -139,6 +145,7 @@ class Connection(asyncio.Protocol):
         self._is_head = is_head
         self._got_bytes = False
         self._head_size = 0
+        self._tail = b""
         self._consumed = False
         loop = self._loop
         self._last = now = loop.time()
@@ -172,19 +179,108 @@ class Connection(asyncio.Protocol):
             return
         self._last = self._loop.time()
         self._got_bytes = True
+        if self._remaining:
+            self._body_bytes(data)  # Content-Length body: counted here, not parsed
+        elif self._head_fut is None:
+            self._feed(data)  # chunked or read-until-close body: httptools de-frames it
+        else:
+            self._head_bytes(data)
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """httptools parses ``data``; False if that closed the connection."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reusable = False  # 101: bytes after the head are not HTTP
         except httptools.HttpParserError as exc:
             self._abort(UpstreamProtocolError(f"malformed upstream response: {exc}"))
+            return False
+        return True
+
+    def _head_bytes(self, data: bytes) -> None:
+        """Feed httptools exactly the response head(s), nothing past the final one.
+
+        llhttp insists on CRLF line ends, so a head ends at the first blank
+        line; cutting there lets a Content-Length body bypass the parser, whose
+        on_body would copy every body byte into a new bytes object.
+        """
+        n = len(data)
+        start = 0
+        end = -1
+        tail = self._tail
+        if tail:  # a blank line may straddle the previous read and this one
+            self._tail = b""
+            i = (tail + data[:3]).find(b"\r\n\r\n")
+            if i >= 0:
+                end = i + 4 - len(tail)
+        while True:
+            if end < 0:
+                end = data.find(b"\r\n\r\n", start)
+                if end < 0:  # the head goes on in the next read
+                    if not self._feed(data if start == 0 else memoryview(data)[start:]):
+                        return
+                    if self._head_fut is None:
+                        return  # (cannot happen with CRLF-strict llhttp) the parser has it
+                    self._tail = (tail + data[start:])[-3:] if n - start < 3 else data[-3:]
+                    self._count_head(n - start)
+                    return
+                end += 4
+            if not self._feed(data if start == 0 and end == n else memoryview(data)[start:end]):
+                return
+            if self._head_fut is None:
+                break  # the final head: its body (if any) follows
+            if self._state != BUSY or not self._count_head(end - start):
+                return
+            start, end, tail = end, -1, b""  # an interim (1xx) head: the next one follows
+            if start == n:
+                return
+        if end == n:
             return
-        if self._head_fut is not None:
-            # Head still incomplete, so all of data was head: llhttp sets no
-            # size limit, an endless head (or 1xx flood) would grow unbounded.
-            self._head_size += len(data)
-            if self._head_size > MAX_HEAD_BYTES:
-                self._abort(UpstreamProtocolError("upstream response head too large"))
+        if self._remaining:
+            self._body_bytes(memoryview(data)[end:])
+        elif self._state == BUSY:
+            self._feed(memoryview(data)[end:])
+        else:
+            # Past a complete response (HEAD, 204, 304, no body): a response
+            # nobody asked for. Never forwarded; the connection is done.
+            self._reusable = False
+
+    def _count_head(self, size: int) -> bool:
+        # llhttp sets no size limit: an endless head (or 1xx flood) would grow unbounded.
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            self._abort(UpstreamProtocolError("upstream response head too large"))
+            return False
+        return True
+
+    def _body_bytes(self, data: bytes | memoryview) -> None:
+        """Content-Length body bytes, queued as received (slices, never copies)."""
+        resp = self._resp
+        assert resp is not None
+        n = len(data)
+        remaining = self._remaining - n
+        if remaining > 0:
+            self._remaining = remaining
+        else:
+            self._remaining = 0
+            if remaining < 0:
+                # Bytes past Content-Length (a response nobody asked for, or
+                # a lying length): never forwarded, and the framing is lost.
+                self._reusable = False
+                n += remaining
+                data = memoryview(data)[:n]
+            resp._done = True
+            self._state = DONE
+            # The old parser still waits for this body: the next response gets a fresh one.
+            self._parser = httptools.HttpResponseParser(self)
+        resp._chunks.append(data)
+        resp._size += n
+        if resp._size > HIGH_WATER and not self._reading_paused and not resp._done:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        if resp._waiter is not None:
+            resp._wake()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost sorts out the rest
@@ -266,6 +362,8 @@ class Connection(asyncio.Protocol):
                 self._reusable = False
         elif not chunked and length is None and status not in (204, 304):
             resp._until_close = True
+        elif length and not chunked and status not in (204, 304):
+            self._remaining = length  # data_received takes the body from here
         sender = self._sender
         if sender is not None and not sender.done():
             # Early response: stop sending; the connection is not reusable.
@@ -275,6 +373,7 @@ class Connection(asyncio.Protocol):
         fut.set_result(resp)
 
     def on_body(self, body: bytes) -> None:
+        self._remaining = 0  # the parser has the body after all: leave it to it
         resp = self._resp
         if resp is None or resp._done:
             self._reusable = False

@@ -105,7 +105,7 @@ class UpstreamResponse:
         self.chunked = chunked
         self.keep_alive = keep_alive
         self._conn: Connection | None = conn
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._size = 0
         self._done = False
         self._until_close = False
@@ -118,8 +118,11 @@ class UpstreamResponse:
         """Body bytes received but not yet returned by read()."""
         return self._size
 
-    async def read(self) -> bytes:
+    async def read(self) -> bytes | memoryview:
         """Next body bytes (de-chunked, never decompressed); b"" at the end.
+
+        A Content-Length body comes as the very buffers the socket delivered
+        (a memoryview where a head or excess bytes were cut off): no copy.
 
         Raises UpstreamReset on a truncated body, UpstreamTimeout when the
         upstream is silent for read_timeout; bytes received before either are

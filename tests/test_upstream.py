@@ -611,6 +611,169 @@ async def test_cancelled_request_leaves_nothing_active(
     await pool.close()
 
 
+# -- Content-Length bodies bypass the parser: framing done by the connection --
+
+
+def _scripted(*replies: Sequence[bytes], pause: float = 0.002) -> RawHandler:
+    """Answers the n-th request head on a connection with replies[n], writing
+    its pieces separately (drained, paused) so they arrive as separate reads."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for pieces in replies:
+            await read_head(r)
+            for piece in pieces:
+                w.write(piece)
+                await w.drain()
+                await asyncio.sleep(pause)
+        await r.read()  # until the client closes
+
+    return handler
+
+
+async def test_content_length_body_split_anywhere(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    # Every split point of head + body, including inside the blank line that
+    # ends the head; each response on the same connection.
+    body = bytes(range(256)) * 3
+    head = b"HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: 768\r\n\r\n"
+    response = head + body
+    cuts = range(1, len(response))
+    pool = make_pool(await raw_server(_scripted(*((response[:i], response[i:]) for i in cuts))))
+    for i in cuts:
+        resp = await pool.request("GET", b"/", [], None, None)
+        chunks = []
+        while chunk := await resp.read():
+            chunks.append(chunk)
+        resp.release()
+        assert resp.headers == [(b"X-A", b"b"), (b"Content-Length", b"768")], i
+        assert b"".join(chunks) == body, i
+        if len(head) - 4 < i < len(head):
+            # The blank line straddles two reads, and still the body is a
+            # view of the received buffer: it bypassed the parser's copy.
+            assert isinstance(chunks[0], memoryview), i
+    assert pool.stats() == type(pool.stats())(idle=1, active=0, opened=1, closed=0)
+    await pool.close()
+
+
+async def test_content_length_body_in_many_packets(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    body = os.urandom(300_000)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n"
+    pieces = [head + body[:1]] + [body[i : i + 7919] for i in range(1, len(body), 7919)]
+    pool = make_pool(await raw_server(_scripted(pieces, [head, body], pause=0)))
+    resp = await pool.request("GET", b"/", [], None, None)
+    parts = []
+    while chunk := await resp.read():
+        parts.append(bytes(chunk))
+    resp.release()
+    assert b"".join(parts) == body
+    assert len(parts) > 1  # it did stream in pieces
+    _, got = await fetch(pool)
+    assert got == body
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["same-read", "later-read"])
+async def test_bytes_past_content_length_never_forwarded(
+    raw_server: Callable[[RawHandler], Awaitable[str]], together: bool
+) -> None:
+    # A second response nobody asked for right behind the body: the body
+    # ends at Content-Length, the extra bytes go nowhere and the connection
+    # is not reused (its framing can no longer be trusted).
+    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    pieces = [reply + extra] if together else [reply, extra]
+    good = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    pool = make_pool(await raw_server(_scripted(pieces, [good], pause=0.05)))
+    resp = await pool.request("GET", b"/", [], None, None)
+    got = await read_all(resp)
+    await asyncio.sleep(0.1)  # let a separate extra packet arrive before release
+    resp.release()
+    assert got == b"hello"
+    assert pool.stats() == type(pool.stats())(idle=0, active=0, opened=1, closed=1)
+    _, got = await fetch(pool)  # a fresh connection; the next reply there is "hello" again
+    assert got == b"hello"
+    assert pool.stats().opened == 2
+    await pool.close()
+
+
+async def test_body_larger_than_one_read_with_garbage_in_last_read(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    body = os.urandom(200_000)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n"
+    pieces = [head + body[:100_000], body[100_000:] + b"garbage"]
+    pool = make_pool(await raw_server(_scripted(pieces)))
+    _, got = await fetch(pool)
+    assert got == body
+    assert pool.stats().closed == 1
+    await pool.close()
+
+
+async def test_interim_final_head_and_body_in_one_read(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    reply = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    split = [reply[:30], reply[30:-2], reply[-2:]]
+    pool = make_pool(await raw_server(_scripted([reply], split, [reply])))
+    for _ in range(3):
+        resp, got = await fetch(pool)
+        assert (resp.status, got) == (200, b"abc")
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
+async def test_head_and_empty_bodies_with_content_length(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    # HEAD answered with the Content-Length a GET would have, then 204/304
+    # and an empty 200: none has a body, all keep the connection.
+    replies = [
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"],
+        [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [b"HTTP/1.1 204 No Content\r\n\r\n"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast"],
+    ]
+    pool = make_pool(await raw_server(_scripted(*replies)))
+    resp, got = await fetch(pool, "HEAD")
+    assert (resp.status, resp.content_length, got) == (200, 1234, b"")
+    for status in (304, 200, 204):
+        resp, got = await fetch(pool)
+        assert (resp.status, got) == (status, b"")
+    _, got = await fetch(pool)
+    assert got == b"last"
+    assert pool.stats() == type(pool.stats())(idle=1, active=0, opened=1, closed=0)
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "reply"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nbody"),
+    ],
+    ids=["HEAD", "zero-length"],
+)
+async def test_bytes_after_a_bodiless_response_not_reused(
+    raw_server: Callable[[RawHandler], Awaitable[str]], method: str, reply: bytes
+) -> None:
+    pool = make_pool(await raw_server(_scripted([reply], [reply])))
+    _, got = await fetch(pool, method)
+    assert got == b""
+    assert pool.stats().closed == 1
+    _, got = await fetch(pool, method)
+    assert got == b""
+    assert pool.stats().opened == 2
+    await pool.close()
+
+
 # -- large bodies, bounded buffering ----------------------------------------
 
 BIG = 50 * 1024 * 1024
@@ -770,7 +933,7 @@ async def test_slow_client_does_not_trip_read_timeout(start_upstream: StartUpstr
     resp = await pool.request("GET", b"/", [], None, None)
     first = await resp.read()
     await asyncio.sleep(0.6)
-    assert first + await read_all(resp) == big
+    assert bytes(first) + await read_all(resp) == big
     resp.release()
     # Slow upload: waiting for the client is not the upstream's silence.
     _, body = await fetch(pool, "POST", body=slow_body())
