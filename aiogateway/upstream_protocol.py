@@ -5,8 +5,9 @@ The hot path (idle connection -> one write -> head parsed -> body buffered) is
 kept to a handful of Python calls: no per-request timers, no per-chunk tasks,
 only the callbacks httptools needs. httptools sees only response heads and
 chunked or read-until-close bodies: a Content-Length body is counted here and
-queued as the received buffers themselves (its on_body would copy each byte). :mod:`aiogateway.upstream` owns the pool;
-:mod:`aiogateway.upstream_streams` the body streams and the errors.
+queued as the received buffers themselves (its on_body would copy each byte).
+:mod:`aiogateway.upstream` owns the pool; :mod:`aiogateway.upstream_streams`
+the body streams and the errors.
 """
 
 from __future__ import annotations
