@@ -1,13 +1,17 @@
 """Streaming throughput and memory: 1 GiB up and 1 GiB down, through a gateway
 subprocess vs straight to the upstream.
 
-    python bench/bench_streaming.py [--size-mib 1024] [--chunk-kib 256]
+    python bench/bench_streaming.py [--size-mib 1024] [--chunk-kib 256] [--tree DIR]
 
 Three processes: the upstream (this script with ``--upstream``: POST /upload
 counts the body, GET /download?size=N streams N bytes), ``python -m aiogateway
 serve`` (workers = 1) and the client (this process). Bytes are generated on the
 fly and only counted. The gateway's RSS is sampled every 50 ms from a thread;
 growth = peak - RSS just before the transfer (after a 64 MiB warm-up each way).
+The gateway's CPU time (user + system) per transfer is reported too, as CPU
+seconds per GiB. ``--tree DIR`` runs the gateway from another tree holding
+``aiogateway/`` (e.g. ``git archive HEAD aiogateway plugins | tar -x -C DIR``)
+to compare before/after on the same machine.
 uvloop is used by all three when installed.
 """
 
@@ -96,6 +100,7 @@ class RssSampler:
     def __init__(self, pid: int | None) -> None:
         self.process = psutil.Process(pid) if pid else None
         self.baseline = self.peak = 0
+        self.cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -105,14 +110,21 @@ class RssSampler:
             self.peak = max(self.peak, self.process.memory_info().rss)
             self._stop.wait(0.05)
 
+    def _cpu_seconds(self) -> float:
+        assert self.process is not None
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
     def __enter__(self) -> RssSampler:
         if self.process is not None:
             self.baseline = self.peak = self.process.memory_info().rss
+            self.cpu = -self._cpu_seconds()
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
+            self.cpu += self._cpu_seconds()
             self._stop.set()
             self._thread.join()
 
@@ -168,7 +180,7 @@ async def wait_up(url: str, timeout: float = 30) -> None:
 
 async def measure(
     base: str, pid: int | None, size: int, block: bytes
-) -> list[tuple[str, float, float | None]]:
+) -> list[tuple[str, float, float | None, float | None]]:
     rows = []
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
@@ -182,7 +194,8 @@ async def measure(
                 else:
                     await download(session, base, size)
                 elapsed = time.perf_counter() - started
-            rows.append((name, size / 1e6 / elapsed, rss.growth_mib))
+            cpu = rss.cpu / (size / 2**30) if pid else None
+            rows.append((name, size / 1e6 / elapsed, rss.growth_mib, cpu))
     return rows
 
 
@@ -190,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--chunk-kib", type=int, default=256)
+    parser.add_argument("--tree", type=Path, default=REPO, help="run the gateway from here")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     chunk = args.chunk_kib * 1024
@@ -200,7 +214,7 @@ def main() -> None:
     loop_name = use_uvloop()
     size = args.size_mib * MiB
     up_port, gw_port = free_port(), free_port()
-    pythonpath = filter(None, (str(REPO), os.environ.get("PYTHONPATH")))
+    pythonpath = filter(None, (str(args.tree.resolve()), os.environ.get("PYTHONPATH")))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.toml"
@@ -241,16 +255,16 @@ def main() -> None:
         try:
             block = os.urandom(chunk)
 
-            async def run() -> list[tuple[str, str, float, float | None]]:
+            async def run() -> list[tuple[str, str, float, float | None, float | None]]:
                 await wait_up(f"http://127.0.0.1:{up_port}/")
                 await wait_up(f"http://127.0.0.1:{gw_port}/healthz")
-                rows: list[tuple[str, str, float, float | None]] = []
+                rows: list[tuple[str, str, float, float | None, float | None]] = []
                 for path, base, pid in (
                     ("direct", f"http://127.0.0.1:{up_port}", None),
                     ("gateway", f"http://127.0.0.1:{gw_port}", procs[1].pid),
                 ):
-                    for name, mbs, growth in await measure(base, pid, size, block):
-                        rows.append((path, name, mbs, growth))
+                    for name, mbs, growth, cpu in await measure(base, pid, size, block):
+                        rows.append((path, name, mbs, growth, cpu))
                 return rows
 
             rows = asyncio.run(run())
@@ -264,10 +278,12 @@ def main() -> None:
         f"{args.size_mib} MiB per transfer, {args.chunk_kib} KiB chunks, {loop_name}, "
         f"{os.cpu_count()} CPUs (load avg {os.getloadavg()[0]:.1f})"
     )
-    print(f"{'path':<8} {'direction':<9} {'MB/s':>8} {'gw RSS growth':>14}")
-    for path, name, mbs, growth in rows:
+    print(f"gateway from {args.tree.resolve()}")
+    print(f"{'path':<8} {'direction':<9} {'MB/s':>8} {'gw RSS growth':>14} {'gw CPU s/GiB':>13}")
+    for path, name, mbs, growth, cpu in rows:
         g = "-" if growth is None else f"{growth:.1f} MiB"
-        print(f"{path:<8} {name:<9} {mbs:>8.0f} {g:>14}")
+        c = "-" if cpu is None else f"{cpu:.2f}"
+        print(f"{path:<8} {name:<9} {mbs:>8.0f} {g:>14} {c:>13}")
 
 
 if __name__ == "__main__":
