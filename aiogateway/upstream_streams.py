@@ -21,6 +21,7 @@ __all__ = [
     "DONE",
     "HIGH_WATER",
     "IDLE",
+    "JOIN_BELOW",
     "StaleConnection",
     "UpstreamConnectError",
     "UpstreamError",
@@ -34,6 +35,10 @@ __all__ = [
 # Response flow control: above this many buffered body bytes the socket stops
 # being read, so a slow client holds bounded memory per response.
 HIGH_WATER = 256 * 1024
+
+# read() returns a buffered chunk this big on its own rather than join it with
+# the ones behind it (a copy); smaller ones are joined into one write.
+JOIN_BELOW = 16 * 1024
 
 # Connection states (of upstream_protocol.Connection), here to avoid an import cycle.
 IDLE, BUSY, DONE, CLOSED = 0, 1, 2, 3
@@ -131,11 +136,19 @@ class UpstreamResponse:
         while True:
             chunks = self._chunks
             if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._size = 0
+                data = chunks[0]
+                if len(chunks) == 1:
+                    chunks.clear()
+                    self._size = 0
+                elif len(data) >= JOIN_BELOW:
+                    del chunks[0]  # a big buffer goes alone: copying it costs more than a round
+                    self._size -= len(data)
+                else:
+                    data = b"".join(chunks)  # small pieces (chunked bodies): one write
+                    chunks.clear()
+                    self._size = 0
                 conn = self._conn
-                if conn is not None and conn._reading_paused:
+                if conn is not None and conn._reading_paused and self._size <= HIGH_WATER // 2:
                     conn._resume_reading()
                 return data
             if self._exc is not None:

@@ -774,6 +774,34 @@ async def test_bytes_after_a_bodiless_response_not_reused(
     await pool.close()
 
 
+async def test_read_gives_big_buffers_alone_and_joins_small_ones(
+    raw_server: Callable[[RawHandler], Awaitable[str]],
+) -> None:
+    # Buffered while nobody reads: big buffers come back one per read (no
+    # copy into a joined one), small de-chunked pieces as one joined read.
+    big = [os.urandom(20_000) for _ in range(3)]
+    small = b"".join(b"a\r\n%s\r\n" % (b"%d" % i).ljust(10, b".") for i in range(50))
+    replies = (
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n", *big],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", small, b"0\r\n\r\n"],
+    )
+    pool = make_pool(await raw_server(_scripted(*replies, pause=0.02)))
+    resp = await pool.request("GET", b"/", [], None, None)
+    await asyncio.sleep(0.2)
+    assert resp.buffered == 60_000
+    got = [await resp.read() for _ in range(4)]
+    assert got == [*big, b""]
+    resp.release()
+    resp = await pool.request("GET", b"/", [], None, None)
+    await asyncio.sleep(0.2)
+    first = await resp.read()
+    assert len(first) == 500
+    assert await resp.read() == b""
+    resp.release()
+    assert pool.stats().opened == 1
+    await pool.close()
+
+
 # -- large bodies, bounded buffering ----------------------------------------
 
 BIG = 50 * 1024 * 1024
