@@ -676,14 +676,23 @@ async def test_content_length_body_in_many_packets(
     await pool.close()
 
 
-@pytest.mark.parametrize("together", [True, False], ids=["same-read", "later-read"])
+@pytest.mark.parametrize(
+    ("together", "extra"),
+    [
+        (True, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"),
+        (False, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"),
+        # Half a head: httptools alone would keep it as the start of the
+        # next response and reuse the connection.
+        (True, b"HTTP/1.1 200 OK\r\nX-Smuggled: 1\r\n"),
+    ],
+    ids=["same-read", "later-read", "partial-head"],
+)
 async def test_bytes_past_content_length_never_forwarded(
-    raw_server: Callable[[RawHandler], Awaitable[str]], together: bool
+    raw_server: Callable[[RawHandler], Awaitable[str]], together: bool, extra: bytes
 ) -> None:
     # A second response nobody asked for right behind the body: the body
     # ends at Content-Length, the extra bytes go nowhere and the connection
     # is not reused (its framing can no longer be trusted).
-    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
     pieces = [reply + extra] if together else [reply, extra]
     good = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
