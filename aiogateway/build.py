@@ -50,7 +50,10 @@ def build_table(
     b = _Builder(settings)
     b.build_plugins()
     b.build_chains()
-    pools, retired = _pools(settings, previous)
+    try:
+        pools, retired = _pools(settings, previous)
+    except ConfigError as exc:
+        raise exc.in_file(file) from None
     routes = b.build_routes(pools)
     endpoints = b.build_endpoints(routes)
     unmatched = b.unmatched_chain()
@@ -86,7 +89,13 @@ def _pools(
     for name, upstream in settings.upstreams.items():
         keep = old.get(name)
         reuse = keep is not None and keep.settings == upstream
-        pools[name] = keep if keep is not None and reuse else UpstreamPool(name, upstream)
+        if keep is not None and reuse:
+            pools[name] = keep
+            continue
+        try:
+            pools[name] = UpstreamPool(name, upstream)
+        except (ValueError, UnicodeError) as exc:  # a URL the settings check let through
+            raise ConfigError(f"unusable url: {exc}", location=f"upstreams.{name}.url") from None
     kept = {id(p) for p in pools.values()}
     return pools, [p for p in old.values() if id(p) not in kept]
 

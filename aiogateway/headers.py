@@ -52,7 +52,8 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-for",
 }
 
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+# X-Request-ID: the client gets the gateway's id, exactly once.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 
 _MAX_REQUEST_ID = 128
 
@@ -151,10 +152,10 @@ def response_headers(
                 )
             continue
         kept.append((name.decode("latin-1"), value.decode("latin-1")))
-    kept.append(("X-Request-ID", request_id))
     headers: CIMultiDict[str] = CIMultiDict(kept)  # one C-level build, not N adds
     for token in listed:
         headers.popall(token.decode("latin-1"), None)
+    headers["X-Request-ID"] = request_id  # after the pops: Connection cannot remove it
     return headers
 
 

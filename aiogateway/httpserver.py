@@ -33,11 +33,18 @@ class _GatewayRequestHandler(RequestHandler):
         self._header_timeout = header_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
 
+    # Slowloris guard: the first request head must be complete within
+    # header_timeout of the connect (as nginx's client_header_timeout), and a
+    # later head within header_timeout of its first byte. aiohttp itself only
+    # bounds fully idle keep-alive connections.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
     def data_received(self, data: bytes) -> None:
-        # Slowloris guard: a request head that started arriving while the
-        # connection was idle must be complete within header_timeout.
-        # (aiohttp only bounds fully idle keep-alive connections.)
-        idle = self._waiter is not None and not self._waiter.done()
+        # Idle: between requests, or before the first one was even parsed.
+        idle = self._request_count == 0 or (self._waiter is not None and not self._waiter.done())
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
@@ -45,13 +52,16 @@ class _GatewayRequestHandler(RequestHandler):
                 self._header_deadline.cancel()
                 self._header_deadline = None
         elif idle and self._header_deadline is None and data:
-            self._header_deadline = self._loop.call_later(
-                self._header_timeout, self._header_timed_out
-            )
+            self._arm_header_deadline()
 
-    def _header_timed_out(self) -> None:
+    def _arm_header_deadline(self) -> None:
+        self._header_deadline = self._loop.call_later(
+            self._header_timeout, self._header_timed_out, self._request_count
+        )
+
+    def _header_timed_out(self, count_when_armed: int) -> None:
         self._header_deadline = None
-        if self._waiter is not None and not self._waiter.done():
+        if self._request_count == count_when_armed:  # still no complete head
             log.debug("closing a connection whose request head took too long")
             self.force_close()
             if self.transport is not None:

@@ -256,18 +256,18 @@ class ProxyHandler:
         if not request.body_exists:
             body = None
         elif length is not None and length <= SMALL_BODY:
-            body_timeout = table.settings.server.client_body_timeout
             try:
                 if request.content.is_eof():  # all here already: no timer needed
                     body = await request.content.readexactly(length)
                 else:
-                    async with asyncio.timeout(body_timeout):
-                        body = await request.content.readexactly(length)
+                    body = await _read_small_body(
+                        request, length, table.settings.server.client_body_timeout
+                    )
             except (asyncio.IncompleteReadError, ConnectionError):
                 exchange.error = "client_abort"
                 return self._error(exchange, 400, errors.BAD_REQUEST, "incomplete request body")
             except TimeoutError:
-                return self._client_timeout(exchange)
+                return await self._client_timeout(exchange)
             exchange.bytes_in = length
         else:
             body = self._stream_body(exchange, limit, table.settings.server.client_body_timeout)
@@ -279,37 +279,43 @@ class ProxyHandler:
                 exchange.method, self._upstream_target(exchange, route), headers, body, length
             )
         except UpstreamError as exc:
-            return self._upstream_failed(exchange, pool.name, exc)
+            return await self._upstream_failed(exchange, pool.name, exc)
         except (BodyTooLarge, ClientGone):
             pass  # handled below from exchange.error
         else:
             return await self._relay(exchange, upstream)
-        return self._body_failed(exchange, limit)
+        return await self._body_failed(exchange, limit)
 
-    def _client_timeout(self, exchange: Exchange) -> web.StreamResponse:
+    async def _client_timeout(self, exchange: Exchange) -> web.StreamResponse:
+        """408, then close at once: aiohttp would otherwise keep reading (lingering)
+        the rest of a body that is dribbling in."""
         exchange.error = "client_timeout"
         response = self._error(
             exchange, 408, errors.REQUEST_TIMEOUT, "request body not received in time"
         )
         response.force_close()
+        request = exchange.request
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()  # transport.close() flushes the 408 first
         return response
 
-    def _body_failed(self, exchange: Exchange, limit: int) -> web.StreamResponse:
+    async def _body_failed(self, exchange: Exchange, limit: int) -> web.StreamResponse:
         if exchange.error == "body_too_large":
             return self._error(
                 exchange, 413, errors.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes"
             )
         if exchange.error == "client_timeout":
-            return self._client_timeout(exchange)
+            return await self._client_timeout(exchange)
         exchange.error = exchange.error or "client_abort"
         return self._error(exchange, 400, errors.BAD_REQUEST, "request body not received")
 
-    def _upstream_failed(
+    async def _upstream_failed(
         self, exchange: Exchange, upstream: str, exc: UpstreamError
     ) -> web.StreamResponse:
         if exchange.error in ("body_too_large", "client_abort", "client_timeout"):
             # The pool saw our body iterator fail; that is the real cause.
-            return self._body_failed(
+            return await self._body_failed(
                 exchange, exchange.route.max_body_bytes if exchange.route else 0
             )
         kind = exc.kind
@@ -376,7 +382,7 @@ class ProxyHandler:
         except UpstreamError as exc:
             # Nothing went to the client yet: a clean 502/504 is still possible.
             upstream.close()
-            return self._upstream_failed(exchange, upstream_name(exchange), exc)
+            return await self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
         exchange.response_headers = headers = response_headers(
             upstream.headers, exchange.request_id
@@ -433,6 +439,23 @@ class ProxyHandler:
             raise
         upstream.release()
         return response
+
+
+async def _read_small_body(request: web.BaseRequest, length: int, gap: float) -> bytes:
+    """A body of known, small length; ``gap`` bounds each wait, not the whole read."""
+    content = request.content
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    received = 0
+    async with asyncio.timeout(loop.time() + gap) as deadline:
+        while received < length:
+            chunk = await content.readany()
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"".join(chunks), length)
+            chunks.append(chunk)
+            received += len(chunk)
+            deadline.reschedule(loop.time() + gap)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _first_chunk(upstream: UpstreamResponse) -> bytes | memoryview | None:

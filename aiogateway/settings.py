@@ -9,6 +9,7 @@ formatting live in :mod:`aiogateway.config`.
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,6 +82,23 @@ class UpstreamSettings(ConfigModel):
     def _url_scheme(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:
+            parts = urlsplit(v)
+            port = parts.port  # raises on a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("needs a host, e.g. http://billing:8003")
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{parts.hostname!r} is not a valid host name") from None
+        if port == 0:
+            raise ValueError("port 0 is not a port to connect to")
+        if not parts.path.isascii():
+            raise ValueError("the path must be ASCII (percent-encode other characters)")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
         return v
 
 

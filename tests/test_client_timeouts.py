@@ -50,14 +50,30 @@ async def test_slow_request_head_is_cut(
 async def test_idle_keepalive_then_full_head_is_not_cut(
     start_gateway: StartGateway, recording_upstream: RecordingUpstream
 ) -> None:
-    """The head deadline starts with the head's first byte, not at connection idle."""
+    """Between requests, the head deadline starts with the next head's first byte."""
     gw = await start_gateway(config(recording_upstream.url))
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    await asyncio.sleep(0.8)  # idle longer than the head timeout: still fine
+    writer.write(b"GET /v1/first?status=204 HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # 204: no body
+    assert head.startswith(b"HTTP/1.1 204")
+    await asyncio.sleep(0.8)  # idle keep-alive longer than the head timeout: still fine
     writer.write(b"GET /v1/ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     data = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert data.startswith(b"HTTP/1.1 200")
+
+
+async def test_silent_new_connection_is_closed_after_the_head_timeout(
+    start_gateway: StartGateway, recording_upstream: RecordingUpstream
+) -> None:
+    """The first head is due within client_header_timeout of the connect (as nginx)."""
+    gw = await start_gateway(config(recording_upstream.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    took = asyncio.get_running_loop().time() - started
+    writer.close()
+    assert 0.4 < took < 3.0
 
 
 async def test_slow_body_gets_408(

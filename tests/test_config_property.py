@@ -403,36 +403,10 @@ def anywhere(draw: st.DrawFn, doc: Doc) -> Doc:
     return doc
 
 
-def _url_bug_present() -> bool:
-    """The known bug of the xfail below (bare ValueError for a host-less upstream url)."""
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            load(Path(d), 'upstreams = {svc = {url = "http://"}}\n')
-        except ValueError:
-            return True
-        except ConfigError:
-            return False
-    return False
-
-
-# While that bug stands, random damage that lands in an upstream url may hit it; it is
-# tolerated here (and only that one: raised by UpstreamPool.__init__) so these
-# properties keep finding other problems. Fixing the bug turns this off by itself.
-URL_BUG = _url_bug_present()
-
-
-def loads_or_config_error(workdir: Path, text: str | bytes, tolerate_url_bug: bool = True) -> None:
+def loads_or_config_error(workdir: Path, text: str | bytes) -> None:
+    """Either the text loads, or a ConfigError naming the file: never another exception."""
     try:
         load(workdir, text)
-    except ValueError as exc:
-        frames = []
-        tb = exc.__traceback__
-        while tb is not None:
-            frames.append(tb.tb_frame.f_code.co_filename)
-            tb = tb.tb_next
-        in_pool = any(f.endswith("aiogateway/upstream.py") for f in frames)
-        if not (tolerate_url_bug and URL_BUG and in_pool):
-            raise
     except ConfigError as exc:
         if "config.toml" not in str(exc):
             raise AssertionError(f"the error does not name the file: {exc}") from exc
@@ -457,17 +431,6 @@ def test_damaged_text_loads_or_gives_a_config_error(
     loads_or_config_error(workdir, text[:cut] + noise + text[cut:])
 
 
-@pytest.mark.xfail(
-    reason=(
-        "an upstream url that passes UpstreamSettings._url_scheme (starts with http://) but "
-        "has no host ('http://'), a bad port ('http://h:99999', 'http://h:x') or a broken "
-        "IPv6 literal ('http://[') makes UpstreamPool.__init__ (upstream.py:70-75, via "
-        "build._pools) raise a bare ValueError: a traceback instead of a ConfigError at "
-        "upstreams.<name>.url"
-    ),
-    raises=ValueError,
-    strict=True,
-)
 @example(url="http://")  # also found: "http://h:99999", "http://h:x", "http://["
 @SETTINGS
 @given(
@@ -480,4 +443,4 @@ def test_damaged_text_loads_or_gives_a_config_error(
 def test_any_upstream_url_loads_or_gives_a_config_error(workdir: Path, url: str) -> None:
     assume("\x00" not in url)
     doc = {"upstreams": {"svc": {"url": url}}, "routes": [{"prefix": "/", "upstream": "svc"}]}
-    loads_or_config_error(workdir, to_toml(doc), tolerate_url_bug=False)
+    loads_or_config_error(workdir, to_toml(doc))

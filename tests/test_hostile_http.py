@@ -414,14 +414,5 @@ def test_fuzz_smoke_request_headers() -> None:
     fuzz_headers()
 
 
-@pytest.mark.xfail(
-    reason=(
-        "headers.response_headers (since 2c375ae) appends the gateway's X-Request-ID to the "
-        "upstream's headers instead of replacing theirs: an upstream X-Request-ID reaches "
-        "the client next to the gateway's (two values), and an upstream 'Connection: "
-        "X-Request-ID' makes the popall() of listed tokens remove the gateway's own id"
-    ),
-    strict=True,
-)
 def test_fuzz_smoke_response_headers() -> None:
     fuzz_response_headers()

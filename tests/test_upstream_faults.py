@@ -469,14 +469,6 @@ async def test_many_faults_in_parallel_leave_nothing_behind(
     await base.assert_back(gw)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "headers.response_headers (since 2c375ae) no longer replaces the upstream's "
-        "X-Request-ID: the client gets the upstream's value next to the gateway's; and an "
-        "upstream 'Connection: X-Request-ID' strips the gateway's own id from the response"
-    ),
-    strict=True,
-)
 @pytest.mark.parametrize("path", ["/v1/own-request-id", "/v1/connection-request-id"])
 async def test_client_gets_exactly_the_gateways_request_id(
     gw: RunningGateway, upstream: FaultyUpstream, path: str
