@@ -357,7 +357,8 @@ class ProxyHandler:
                 while True:
                     deadline.reschedule(loop.time() + gap)
                     try:
-                        chunk = await content.readany()
+                        # readchunk(): one buffered chunk as it came, no join of all of them.
+                        chunk, _ = await content.readchunk()
                     except (ConnectionError, asyncio.IncompleteReadError) as exc:
                         exchange.error = "client_abort"
                         raise ClientGone from exc
