@@ -32,7 +32,7 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check aiogateway plugins tests bench
+	$(BIN)/ruff check aiogateway plugins tests bench fuzz soak examples
 	$(BIN)/mypy
 
 # The whole stack, no Docker: PostgreSQL ($$DATABASE_URL or embedded), a Kafka broker
