@@ -613,4 +613,8 @@ async def test_reload_whose_plugin_fails_to_start_keeps_old_table_and_readiness(
         assert await get_status(s, f"{gw.url}/b") == 404
         async with s.get(f"{gw.url}/readyz") as resp:
             assert resp.status == 503  # what the live plugins said, not the failed ones
-            assert (await resp.json())["components"]["dep"] == {"ready": False, "detail": "down"}
+            assert (await resp.json())["components"]["dep"] == {
+                "ready": False,
+                "detail": "down",
+                "critical": True,
+            }
