@@ -41,9 +41,7 @@ class Chain:
         )
         # Lower-case request headers this chain's plugins consume (e.g. a service key).
         self.strip_headers: frozenset[bytes] = frozenset(
-            h.lower().encode("latin-1")
-            for p in plugins
-            for h in getattr(p, "strip_request_headers", tuple)()
+            h.lower().encode("latin-1") for p in plugins for h in p.strip_request_headers()
         )
         self.on_complete: tuple[tuple[AnyPlugin, Callable[[Exchange], Awaitable[None]]], ...] = (
             tuple((p, p.on_complete) for p in plugins if implements(p, "on_complete"))

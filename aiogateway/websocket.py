@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from . import errors
-from .headers import HOP_BY_HOP
+from .headers import REQUEST_DROP, upstream_request_headers
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -27,17 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = ["is_websocket_upgrade", "proxy_websocket"]
 
-_DROP = HOP_BY_HOP | {
-    b"host",
-    b"content-length",
+# The client's handshake headers: aiohttp's client writes its own.
+_WEBSOCKET_DROP = REQUEST_DROP | {
     b"sec-websocket-key",
     b"sec-websocket-version",
     b"sec-websocket-extensions",
     b"sec-websocket-protocol",
-    b"x-request-id",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
 }
 
 
@@ -51,18 +46,19 @@ async def proxy_websocket(
 ) -> web.StreamResponse:
     request = exchange.request
     pool = route.upstream
-    drop = _DROP | gateway.table.identity_headers_b | route.chain.strip_headers
-    headers: list[tuple[str, str]] = [
+    drop = _WEBSOCKET_DROP | gateway.table.identity_headers_b | route.chain.strip_headers
+    # The same rewriting as plain requests (hop-by-hop, identity, X-Forwarded-*).
+    headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in request.raw_headers
-        if k.lower() not in drop
+        for k, v in upstream_request_headers(
+            request.raw_headers,
+            drop,
+            client_ip=exchange.client_ip,
+            proto=request.scheme,
+            request_id=exchange.request_id,
+            extra=exchange.extra_upstream_headers,
+        )
     ]
-    headers.append(("X-Forwarded-For", exchange.client_ip))
-    headers.append(("X-Forwarded-Proto", request.scheme))
-    if request.host:
-        headers.append(("X-Forwarded-Host", request.host))
-    headers.append(("X-Request-ID", exchange.request_id))
-    headers.extend(exchange.extra_upstream_headers)
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]

@@ -411,3 +411,33 @@ async def test_garbage_request_is_400_json(gw: RunningGateway) -> None:
     data = await raw_exchange(gw.port, b"\x16\x03\x01 not http\r\n\r\n")
     assert data.split(b" ", 2)[1] == b"400"
     assert b'"error":"bad_request"' in data
+
+
+async def test_websocket_upgrade_forwards_headers_like_plain_requests(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
+    seen: list[web.BaseRequest] = []
+
+    async def ws_handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
+    up = await start_upstream(ws_handler)
+    gw = await start_gateway(
+        config(
+            up.url,
+            '[plugins.who]\ntype = "tests.sample_plugins:HeaderPlugin"\n'
+            'header = "X-User-Id"\nidentity = true\n',
+        )
+    )
+    headers = {"X-Forwarded-For": "203.0.113.9", "X-User-Id": "spoofed", "X_User_Id": "x"}
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{gw.url}/v1/ws", headers=headers):
+        pass
+    got = seen[0].headers
+    assert got["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert "X-User-Id" not in got
+    assert "X_User_Id" not in got
+    assert len(got["X-Request-ID"]) == 32
