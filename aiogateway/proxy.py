@@ -28,6 +28,7 @@ from .headers import (
     upstream_request_headers,
 )
 from .pathnorm import BadPath, encode_path, normalize_path
+from .response_writer import can_send_complete, send_complete
 from .upstream import UpstreamError, UpstreamResponse
 from .websocket import is_websocket_upgrade, proxy_websocket
 
@@ -392,14 +393,25 @@ class ProxyHandler:
         response = ProxyResponse(
             status=upstream.status, reason=upstream.reason, _real_headers=headers
         )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
         route = exchange.route
         assert route is not None
         request = exchange.request
         try:
             for hook in route.chain.on_response:
                 await hook(exchange)
+            if (
+                first is not None
+                and len(first) == upstream.content_length
+                and can_send_complete(exchange.method, upstream.status)
+            ):
+                # The whole body is here: head and body in one write, without
+                # aiohttp's response machinery (aiogateway/response_writer.py).
+                exchange.bytes_out = len(first)
+                await send_complete(request, response, first)
+                upstream.release()
+                return response
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
             await response.prepare(request)
             if first is None:
                 # A slow stream (SSE, long poll): the client gets the head now.

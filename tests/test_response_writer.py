@@ -1,0 +1,157 @@
+"""The one-write response path (aiogateway/response_writer.py) against aiohttp's own.
+
+A raw upstream answers the same response either whole (head and body in one
+write: the gateway's one-write path) or split (the body's second half 100 ms
+later: aiohttp's StreamResponse path). For each client flavour the client must
+see the same status line, headers (Date aside: it is the time) and body, and
+the same keep-alive behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from aiogateway import response_writer
+from tests.support.gateway import StartGateway
+
+BODY = b"0123456789" * 10
+
+
+class RawUpstream:
+    """Answers every request with ``head`` + BODY; ``split`` sends the body in two parts."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.split = False
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                if not request:
+                    return
+                if self.split:
+                    writer.write(self.head + BODY[:40])
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                    writer.write(BODY[40:])
+                else:
+                    writer.write(self.head + BODY)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client or the test went away (server.close cancels handlers)
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[tuple[RawUpstream, int]]:
+    up = RawUpstream()
+    server = await asyncio.start_server(up.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield up, port
+    server.close()
+    await server.wait_closed()
+
+
+async def _exchange(port: int, request: bytes) -> tuple[bytes, list[tuple[str, str]], bytes, bool]:
+    """Status line, headers, body, and whether the gateway kept the connection open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = [(k, v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
+        length = int(next(v for k, v in headers if k.lower() == "content-length"))
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 0.3) == b""
+        except TimeoutError:
+            closed = False
+        return lines[0].encode(), headers, body, not closed
+    finally:
+        writer.close()
+
+
+UPSTREAM_HEADS = {
+    "nginx-like": (
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 20:00:00 GMT\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n"
+        b'ETag: "x"\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n'
+    ),
+    "bare": b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n",
+    "no-reason": b"HTTP/1.1 202\r\nContent-Length: 100\r\nX-Thing: 1\r\n\r\n",
+}
+CLIENTS = {
+    "1.1 keep-alive": b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "1.1 close": b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    "1.0 keep-alive": b"GET /x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    "1.0": b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("upstream_head", list(UPSTREAM_HEADS))
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_one_write_path_answers_like_aiohttp(
+    start_gateway: StartGateway,
+    raw_upstream: tuple[RawUpstream, int],
+    upstream_head: str,
+    client: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    up, port = raw_upstream
+    gw = await start_gateway(
+        f"""
+[upstreams.up]
+url = "http://127.0.0.1:{port}"
+
+[[routes]]
+name = "r"
+prefix = "/"
+upstream = "up"
+chain = []
+"""
+    )
+    up.head = UPSTREAM_HEADS[upstream_head]
+    used: list[bool] = []
+    real = response_writer.send_complete
+
+    async def spy(*args: object) -> None:
+        used.append(True)
+        await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("aiogateway.proxy.send_complete", spy)
+
+    up.split = False
+    fast = await _exchange(gw.port, CLIENTS[client])
+    assert used == [True], "the whole body was there: the one-write path answers"
+    up.split = True
+    slow = await _exchange(gw.port, CLIENTS[client])
+    assert used == [True], "a split body goes through aiohttp's path"
+
+    def comparable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        varying = ("date", "x-request-id")
+        return sorted((k.lower(), "<varies>" if k.lower() in varying else v) for k, v in headers)
+
+    assert fast[0] == slow[0]
+    assert comparable(fast[1]) == comparable(slow[1])
+    assert fast[2] == slow[2] == BODY
+    assert fast[3] == slow[3], "same keep-alive decision"
+    assert sum(k.lower() == "x-request-id" for k, _ in fast[1]) == 1
+
+
+def test_header_with_newline_is_refused() -> None:
+    """A CR or LF in a header value (say, one a plugin added) never splits the response."""
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict
+
+    request = make_mocked_request("GET", "/")
+    for bad in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
+        with pytest.raises(ValueError, match="CR or LF"):
+            response_writer.response_head(
+                request, 200, "OK", CIMultiDict({"X-Plugin": bad}), 1, True
+            )
