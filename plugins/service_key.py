@@ -20,7 +20,7 @@ starting with ``#`` and blank lines are ignored (no trailing comments)::
     reports k3y-of-reports
 
 Every presented key is compared with every configured key through
-``hmac.compare_digest`` of fixed-length HMAC digests: the time taken reveals
+``hmac.compare_digest`` of fixed-length keyed BLAKE2b digests: the time taken reveals
 neither which key matched nor the keys' lengths.
 """
 
@@ -124,7 +124,7 @@ class ServiceKey(Plugin[ServiceKeyConfig]):
 
     def __init__(self, name: str, config: ServiceKeyConfig) -> None:
         super().__init__(name, config)
-        # SECURITY: keys are kept only as HMAC digests under a per-process random
+        # SECURITY: keys are kept only as keyed BLAKE2b digests under a per-process random
         # salt, so every comparison is between two 32-byte values: the time of
         # compare_digest cannot even leak a key's length.
         self._salt = os.urandom(32)
@@ -135,7 +135,8 @@ class ServiceKey(Plugin[ServiceKeyConfig]):
         self._strip = (config.header.lower(),) if config.strip else ()
 
     def _digest(self, key: str) -> bytes:
-        return hmac.new(self._salt, key.encode(), hashlib.sha256).digest()
+        # Keyed BLAKE2b: a MAC with no per-call key schedule (HMAC-SHA256 costs 3x).
+        return hashlib.blake2b(key.encode(), key=self._salt, digest_size=32).digest()
 
     def strip_request_headers(self) -> tuple[str, ...]:
         return self._strip
