@@ -1,6 +1,7 @@
 """audit-log: one row per request in PostgreSQL's ``audit_log``, written in batches.
 
-``on_complete`` only builds the record (orjson bytes) and puts it on a
+``on_complete`` only builds the record (bytes, in the form PostgreSQL's binary
+COPY reads, see :mod:`plugins.audit_writer`) and puts it on a
 :class:`~aiogateway.delivery.DeliveryQueue`; it never waits on the database.
 The queue's worker hands batches to :class:`~plugins.audit_writer.AuditWriter`
 (COPY into a staging table, INSERT … ON CONFLICT: a replay never duplicates a
@@ -27,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from aiogateway.delivery import DeliveryQueue
@@ -35,7 +35,15 @@ from aiogateway.errors import ConfigError
 from aiogateway.migrate import MigrationError, apply_migrations
 from aiogateway.plugin import Plugin, PluginConfig
 
-from .audit_writer import COLUMNS, KEY_COLUMNS, AuditWriter, uuid7
+from .audit_writer import (
+    COLUMNS,
+    KEY_COLUMNS,
+    RECORD_ERRORS,
+    AuditWriter,
+    encode_record,
+    encode_values,
+    uuid7_bytes,
+)
 
 if TYPE_CHECKING:
     from aiogateway.exchange import Exchange
@@ -118,7 +126,8 @@ class AuditLog(Plugin[AuditLogConfig]):
         self._connector: asyncio.Task[None] | None = None
         self._ready = False
         keep = set(config.fields) | KEY_COLUMNS if config.fields is not None else None
-        self._drop = tuple(c for c in COLUMNS if keep is not None and c not in keep)
+        # Indexes of the columns left NULL.
+        self._drop = tuple(i for i, c in enumerate(COLUMNS) if keep is not None and c not in keep)
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -168,6 +177,7 @@ class AuditLog(Plugin[AuditLogConfig]):
             timeout=c.connect_timeout,
             command_timeout=c.write_timeout,
             init=AuditWriter.init_connection,
+            reset=AuditWriter.reset_connection,
         )
 
     async def _keep_connecting(self) -> None:
@@ -223,33 +233,61 @@ class AuditLog(Plugin[AuditLogConfig]):
 
     async def on_complete(self, exchange: Exchange) -> None:
         route = exchange.route
-        rec: dict[str, Any] = {
-            "id": uuid7(),
-            "occurred_at": exchange.started_at,
-            "request_id": exchange.request_id,
-            "route": exchange.route_name,
-            "method": exchange.method,
-            "path": exchange.path,
-            "status": exchange.status,
-            "duration_ms": round(exchange.duration * 1000, 3),
-            "user_id": exchange.user_id,
-            "org_id": exchange.org_id,
-            "client_ip": exchange.client_ip,
-            "user_agent": exchange.request.headers.get("User-Agent"),
-            "upstream": route.upstream.name if route is not None else None,
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "error": exchange.error,
-        }
-        for column in self._drop:
-            del rec[column]
-        try:
-            data = orjson.dumps(rec)
-        except TypeError:  # lone surrogates in a header or path: keep the row, lose the glyph
-            data = orjson.dumps({k: _scrub(v) for k, v in rec.items()})
+        record: bytes | None
+        if self._drop:
+            record = self._careful_record(exchange)
+        else:
+            try:
+                record = encode_record(
+                    exchange.started_at,
+                    exchange.request_id,
+                    route.name if route is not None else "unmatched",
+                    exchange.method,
+                    exchange.path,
+                    exchange.status,
+                    round(exchange.duration * 1e6) / 1000,
+                    exchange.user_id,
+                    exchange.org_id,
+                    exchange.client_ip,
+                    exchange.request.headers.get("User-Agent"),
+                    route.upstream.name if route is not None else None,
+                    exchange.bytes_in,
+                    exchange.bytes_out,
+                    exchange.error,
+                )
+            except RECORD_ERRORS:  # an odd value (long, NUL, lone surrogate, out of range)
+                record = self._careful_record(exchange)
+        if record is None:
+            return
         assert self.queue is not None
-        self.queue.put(data)
+        self.queue.put(record)
 
-
-def _scrub(v: Any) -> Any:
-    return v.encode("utf-8", "replace").decode("utf-8") if isinstance(v, str) else v
+    def _careful_record(self, exchange: Exchange) -> bytes | None:
+        """The record with odd values made storable and ``fields`` applied; None if impossible."""
+        route = exchange.route
+        values: list[Any] = [
+            uuid7_bytes(),
+            exchange.started_at,
+            exchange.request_id,
+            exchange.route_name,
+            exchange.method,
+            exchange.path,
+            exchange.status,
+            round(exchange.duration * 1e6) / 1000,
+            exchange.user_id,
+            exchange.org_id,
+            exchange.client_ip,
+            exchange.request.headers.get("User-Agent"),
+            route.upstream.name if route is not None else None,
+            exchange.bytes_in,
+            exchange.bytes_out,
+            exchange.error,
+        ]
+        for i in self._drop:
+            values[i] = None
+        try:
+            return encode_values(values)
+        except RECORD_ERRORS as exc:
+            log.error("audit record of request %s cannot be made; dropped: %s", values[2], exc)
+            self._outcome("dropped", 1)
+            return None

@@ -1,9 +1,22 @@
-"""audit-log's writer: records (orjson bytes) into PostgreSQL's ``audit_log``.
+"""audit-log's writer: records into PostgreSQL's ``audit_log``.
 
-Each batch is one transaction: COPY into a per-connection temporary staging
-table, then ``INSERT … SELECT … ON CONFLICT DO NOTHING`` into ``audit_log``
-(COPY alone cannot skip rows already there). Measured against asyncpg's
-``executemany`` of ``INSERT … ON CONFLICT`` in bench/bench_audit_writer.py.
+A record is made once, in the hook, in the form PostgreSQL's binary COPY reads
+(:func:`encode_record`): the field count (int16, 16), then for each column in
+``COLUMNS`` order an int32 length (-1: NULL) and the value in PostgreSQL's
+binary format. A batch is its records joined under COPY's binary header: the
+writer decodes and re-encodes nothing. Records spooled by earlier versions are
+orjson objects (they start with ``{``, a tuple with ``\\x00``) and are
+converted when they are read back.
+
+Each batch is one COPY straight into ``audit_log``: one round trip, atomic.
+When it hits a unique key (a replay, or a reused request id, see below) the
+batch is written again the careful way, in one transaction: COPY into a
+per-connection temporary staging table, then ``INSERT … SELECT … ON CONFLICT
+DO NOTHING`` into ``audit_log`` (COPY alone cannot skip rows already there);
+batches keep taking that way for a minute, so a replay or a client that keeps
+reusing an id costs one aborted COPY a minute, not one per batch. Measured
+against asyncpg's ``executemany`` of ``INSERT … ON CONFLICT`` in
+bench/bench_audit_writer.py.
 
 No duplicates on replay: every record carries an ``id`` (UUIDv7: time-ordered,
 so the primary key index grows at its right edge) made when the request
@@ -25,15 +38,28 @@ import functools
 import ipaddress
 import logging
 import random
+import struct
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["COLUMNS", "KEY_COLUMNS", "AuditWriter", "to_row", "uuid7"]
+__all__ = [
+    "COLUMNS",
+    "KEY_COLUMNS",
+    "RECORD_ERRORS",
+    "AuditWriter",
+    "encode_record",
+    "encode_values",
+    "to_row",
+    "uuid7",
+    "uuid7_bytes",
+]
 
 log = logging.getLogger("aiogateway.audit")
 
@@ -45,6 +71,7 @@ KEY_COLUMNS = frozenset({"id", "occurred_at", "request_id"})  # always recorded
 _MAX_TEXT = 2048  # longest user_agent / path kept; a row is no place for megabytes
 _STAGING = "audit_log_staging"
 _MIN_CHUNK = 1000  # rows: only a backlog (spool replay, bursts) is worth more connections
+_CAREFUL_FOR = 60.0  # seconds of staged writes after a batch hit a unique key
 _COLS = ", ".join(COLUMNS)
 _COLLIDED = ", ".join(
     "s.request_id || '#' || s.id::text" if c == "request_id" else f"s.{c}" for c in COLUMNS
@@ -57,32 +84,56 @@ _INSERT_COLLIDED = (
     f"INSERT INTO audit_log ({_COLS}) SELECT {_COLLIDED} FROM {_STAGING} s"
     " WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = s.id) ON CONFLICT DO NOTHING"
 )
-# Record-specific failures: rejected by PostgreSQL (bad data, a constraint) or by the
-# driver's encoder (a value out of range). The batch is retried row by row and only
-# the bad rows are dropped, so one bad record can never block the queue.
-_DATA_ERRORS = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-    OverflowError,
+# Record-specific failures: rejected by PostgreSQL (bad data, a constraint, a malformed
+# tuple). The batch is retried row by row and only the bad rows are dropped, so one bad
+# record can never block the queue.
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# What making a record of odd values raises (encode_record: go the careful way;
+# encode_values, to_row: the record cannot be written).
+RECORD_ERRORS = (
+    ValueError,  # also UnicodeError, a bad UUID
+    KeyError,
     TypeError,
-    ValueError,
+    AttributeError,
+    OverflowError,
+    struct.error,  # an integer out of its column's range
 )
 
+# The binary COPY format (PostgreSQL docs, "COPY", "Binary Format").
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+_COPY_TRAILER = b"\xff\xff"
+_ONE_MESSAGE = 8 << 20  # bytes: a larger batch goes out in several CopyData messages
+_NULL = b"\xff\xff\xff\xff"
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 (PostgreSQL's epoch) in Unix microseconds
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_len = struct.Struct("!i").pack
+_HEAD = struct.Struct("!hi16siq").pack  # 16 fields; id (16 bytes); occurred_at (int8)
+_STATUS_DURATION = struct.Struct("!iiid").pack  # status (int4), duration_ms (float8)
+_BYTES = struct.Struct("!iqiq").pack  # bytes_in, bytes_out (int8)
+_INT4 = struct.Struct("!ii").pack
+_INT8 = struct.Struct("!iq").pack
+_FLOAT8 = struct.Struct("!id").pack
+_UUID_RAND = (1 << 80) - 1 & ~(0xF << 76 | 0b11 << 62)  # the bits left random
+_UUID_V7 = 0x7 << 76 | 0b10 << 62  # version 7, variant 10
+_time_ns = time.time_ns
+_getrandbits = random.getrandbits
 
-def uuid7() -> str:
-    """A time-ordered UUID (RFC 9562 version 7), built as text directly (the hook's
-    hot path: ~3x faster than going through ``uuid.UUID``).
+
+def uuid7_bytes() -> bytes:
+    """A time-ordered UUID (RFC 9562 version 7) as its 16 bytes.
 
     The random bits come from ``random``, not ``os.urandom`` (a syscall per
     request): ids need uniqueness, not secrecy, and ``random`` reseeds itself in
     forked children, so workers never share a sequence.
     """
-    t = f"{time.time_ns() // 1_000_000:012x}"
-    h = f"{random.getrandbits(80):020x}"
-    return f"{t[:8]}-{t[8:]}-7{h[:3]}-{_VARIANT[int(h[3], 16) & 3]}{h[4:7]}-{h[7:19]}"
+    ms = _time_ns() // 1_000_000
+    return (ms << 80 | _getrandbits(80) & _UUID_RAND | _UUID_V7).to_bytes(16)
 
 
-_VARIANT = "89ab"  # the variant bits 10xx
+def uuid7() -> str:
+    """:func:`uuid7_bytes` as text."""
+    return str(uuid.UUID(bytes=uuid7_bytes()))
 
 
 def _text(v: Any) -> str | None:
@@ -92,20 +143,136 @@ def _text(v: Any) -> str | None:
     return s.replace("\x00", "\ufffd") if "\x00" in s else s  # PostgreSQL text has no NUL
 
 
+def _text_field(v: Any) -> bytes:
+    s = _text(v)
+    if s is None:
+        return _NULL
+    b = s.encode("utf-8", "replace")  # a lone surrogate (from a header or a path) -> "?"
+    return _len(len(b)) + b
+
+
+# Columns with few distinct values keep their encoded fields. One cache each: a
+# user agent seen once must not push a route name out.
+_label = functools.lru_cache(maxsize=256)(_text_field)  # route, method, upstream, error
+_agent = functools.lru_cache(maxsize=1024)(_text_field)
+
+
+def _once(s: str) -> bytes:
+    """A text field of a value seen once (request id, path): raises unless plain."""
+    b = s.encode()
+    if len(b) > _MAX_TEXT or b"\x00" in b:
+        raise ValueError("long text, or NUL")
+    return _len(len(b)) + b
+
+
 @functools.lru_cache(maxsize=4096)
-def _inet(v: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _inet(v: Any) -> bytes:
     # Cached: client addresses repeat, and parsing one costs more than the rest of a row.
-    try:
-        return ipaddress.ip_address(v)
-    except ValueError:
-        return None  # e.g. a unix-socket peer
+    if isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        a = v
+    else:
+        try:
+            a = ipaddress.ip_address(v)
+        except ValueError:
+            return _NULL  # e.g. a unix-socket peer
+    p = a.packed
+    # family (PGSQL_AF_INET 2, PGSQL_AF_INET6 3), bits, is_cidr, address length
+    return _len(4 + len(p)) + bytes((2 if a.version == 4 else 3, 8 * len(p), 0, len(p))) + p
+
+
+def encode_record(
+    occurred_at: float,
+    request_id: str,
+    route: str,
+    method: str,
+    path: str,
+    status: int,
+    duration_ms: float,
+    user_id: str | None,
+    org_id: str | None,
+    client_ip: str,
+    user_agent: str | None,
+    upstream: str | None,
+    bytes_in: int,
+    bytes_out: int,
+    error: str | None,
+) -> bytes:
+    """The record of one request, with a new id (the hook's hot path).
+
+    Plain values only: anything else (a long or NUL-bearing text, a lone
+    surrogate, a number out of range) raises one of RECORD_ERRORS, and the
+    caller takes :func:`encode_values`.
+    """
+    return b"".join(
+        (
+            _HEAD(16, 16, uuid7_bytes(), 8, round(occurred_at * 1e6) - _PG_EPOCH_US),
+            _once(request_id),
+            _label(route),
+            _label(method),
+            _once(path),
+            _STATUS_DURATION(4, status, 8, duration_ms),
+            _NULL if user_id is None else _once(user_id),
+            _NULL if org_id is None else _once(org_id),
+            _inet(client_ip),
+            _agent(user_agent),
+            _label(upstream),
+            _BYTES(8, bytes_in, 8, bytes_out),
+            _label(error),
+        )
+    )
+
+
+def _uuid_field(v: bytes | str | uuid.UUID) -> bytes:
+    if isinstance(v, str):
+        v = uuid.UUID(v)
+    b = v.bytes if isinstance(v, uuid.UUID) else v
+    if len(b) != 16:
+        raise ValueError(f"not a UUID: {b!r}")
+    return _len(16) + b
+
+
+def _time_field(v: float | datetime) -> bytes:
+    if isinstance(v, datetime):
+        return _INT8(8, (v - _PG_EPOCH) // _US)
+    return _INT8(8, round(v * 1e6) - _PG_EPOCH_US)
+
+
+def _int4_field(v: int) -> bytes:
+    return _INT4(4, v)
+
+
+def _float8_field(v: float) -> bytes:
+    return _FLOAT8(8, v)
+
+
+def _int8_field(v: int) -> bytes:
+    return _INT8(8, v)
+
+
+_ENCODERS: tuple[Callable[[Any], bytes], ...] = (
+    _uuid_field, _time_field, _text_field, _text_field, _text_field, _text_field,
+    _int4_field, _float8_field, _text_field, _text_field, _inet, _text_field, _text_field,
+    _int8_field, _int8_field, _text_field,
+)  # fmt: skip
+
+
+def encode_values(values: Sequence[Any]) -> bytes:
+    """A record of any values, in COLUMNS order (None: NULL); the id as bytes or text.
+
+    Texts are made storable (cut to 2048 characters, NUL and lone surrogates
+    replaced); a value no column can take raises one of RECORD_ERRORS.
+    """
+    if len(values) != len(COLUMNS):
+        raise ValueError(f"{len(values)} values for {len(COLUMNS)} columns")
+    fields = [_NULL if v is None else enc(v) for enc, v in zip(_ENCODERS, values, strict=True)]
+    return b"".join([b"\x00\x10", *fields])
 
 
 def to_row(rec: dict[str, Any]) -> tuple[Any, ...]:
-    """A decoded record as a tuple in COLUMNS order, typed for COPY."""
+    """A decoded orjson record (the format before binary records) as a tuple in COLUMNS order."""
     g = rec.get
     return (
-        rec["id"],  # text: asyncpg's encoder parses and checks it (in C)
+        rec["id"],
         datetime.fromtimestamp(rec["occurred_at"], UTC),
         _text(rec["request_id"]),
         _text(g("route")),
@@ -115,13 +282,32 @@ def to_row(rec: dict[str, Any]) -> tuple[Any, ...]:
         g("duration_ms"),
         _text(g("user_id")),
         _text(g("org_id")),
-        _inet(ip) if isinstance(ip := g("client_ip"), str) and ip else None,
+        ip if isinstance(ip := g("client_ip"), str) and ip else None,
         _text(g("user_agent")),
         _text(g("upstream")),
         g("bytes_in"),
         g("bytes_out"),
         _text(g("error")),
     )
+
+
+def _current(record: bytes) -> bytes | None:
+    """``record`` in the binary form; None (logged) when it cannot be read."""
+    if record[:1] == b"\x00":
+        return record
+    try:
+        return encode_values(to_row(orjson.loads(record)))
+    except RECORD_ERRORS:
+        log.error("audit record cannot be decoded; dropped: %.200r", record)
+        return None
+
+
+_Conn = asyncpg.Connection | PoolConnectionProxy
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), _ONE_MESSAGE):
+        yield data[i : i + _ONE_MESSAGE]
 
 
 class AuditWriter:
@@ -138,6 +324,7 @@ class AuditWriter:
         self.parallel = parallel
         # Told how many records could never be written (bad data): they are dropped.
         self.on_bad_record: Callable[[int], None] | None = None
+        self._careful_until = 0.0  # monotonic: staged writes until then (a unique key hit)
 
     @staticmethod
     async def init_connection(conn: asyncpg.Connection) -> None:
@@ -146,33 +333,46 @@ class AuditWriter:
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (LIKE audit_log) ON COMMIT DELETE ROWS"
         )
 
+    @staticmethod
+    async def reset_connection(conn: asyncpg.Connection) -> None:
+        """The pool's ``reset``: nothing (asyncpg's default costs a round trip per batch).
+
+        The writer leaves no session state behind: no LISTEN, cursor, advisory lock
+        or setting, and a transaction left open is rolled back by the pool anyway.
+        """
+
     async def __call__(self, records: list[bytes]) -> list[bytes]:
-        """Write ``records``; return those not written (raise if none could be)."""
+        """Write ``records``; return those not written (raise if none could be).
+
+        Records of the old format come back (if at all) in the current one.
+        """
         if self.pool is None:
             raise ConnectionError("not connected to PostgreSQL yet")
-        decoded: list[tuple[bytes, tuple[Any, ...]]] = []
-        for r in records:
-            try:
-                decoded.append((r, to_row(orjson.loads(r))))
-            except (ValueError, KeyError, TypeError, OverflowError):
-                log.error("audit record cannot be decoded; dropped: %.200r", r)
-                self._bad(1)
-        n = max(1, min(self.parallel, len(decoded) // _MIN_CHUNK))
-        chunks = [decoded[i::n] for i in range(n)]
+        rows = records
+        # Binary records start with a 0 byte, old ones with "{": the largest tells.
+        if records and max(records)[:1] != b"\x00":
+            rows = [row for r in records if (row := _current(r)) is not None]
+            if len(rows) < len(records):
+                self._bad(len(records) - len(rows))
+        n = max(1, min(self.parallel, len(rows) // _MIN_CHUNK))
+        if n == 1:
+            await self._write_chunk(rows)  # raising: nothing written, the queue retries
+            return []
+        chunks = [rows[i::n] for i in range(n)]
         results = await asyncio.gather(
-            *(self._write_chunk([row for _, row in c]) for c in chunks), return_exceptions=True
+            *(self._write_chunk(c) for c in chunks), return_exceptions=True
         )
         undelivered: list[bytes] = []
         error: BaseException | None = None
         for chunk, result in zip(chunks, results, strict=True):
             if isinstance(result, BaseException):
                 error = error or result
-                undelivered.extend(r for r, _ in chunk)
-        if error is not None and len(undelivered) == len(decoded):
+                undelivered.extend(chunk)
+        if error is not None and len(undelivered) == len(rows):
             raise error  # nothing written: the queue logs why and retries
         return undelivered
 
-    async def _write_chunk(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _write_chunk(self, rows: list[bytes]) -> None:
         try:
             await self._write(rows)
         except _DATA_ERRORS as exc:
@@ -184,17 +384,35 @@ class AuditWriter:
                     log.error("audit row rejected by PostgreSQL; dropped: %s: %r", exc1, row)
                     self._bad(1)
 
-    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _write(self, rows: list[bytes]) -> None:
         if not rows:
             return
         assert self.pool is not None
-        async with self.pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
-            await conn.copy_records_to_table(
-                _STAGING, records=rows, columns=COLUMNS, timeout=self.write_timeout
-            )
-            status = await conn.execute(_INSERT, timeout=self.write_timeout)
-            if int(status.rsplit(" ", 1)[1]) < len(rows):  # "INSERT 0 <n>"
-                await conn.execute(_INSERT_COLLIDED, timeout=self.write_timeout)
+        data = b"".join([_COPY_HEADER, *rows, _COPY_TRAILER])
+        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            if time.monotonic() >= self._careful_until:
+                try:
+                    await self._copy(conn, "audit_log", data)
+                    return
+                except asyncpg.UniqueViolationError:
+                    # A replay or a reused request id: this batch and the next ones
+                    # for a while go the way that skips or renames such rows.
+                    self._careful_until = time.monotonic() + _CAREFUL_FOR
+            async with conn.transaction():
+                await self._copy(conn, _STAGING, data)
+                status = await conn.execute(_INSERT, timeout=self.write_timeout)
+                if int(status.rsplit(" ", 1)[1]) < len(rows):  # "INSERT 0 <n>"
+                    await conn.execute(_INSERT_COLLIDED, timeout=self.write_timeout)
+
+    async def _copy(self, conn: _Conn, table: str, data: bytes) -> None:
+        source: Any = _chunks(data)
+        if len(data) <= _ONE_MESSAGE:
+            # One message, sent as is. A memoryview, not the bytes: asyncpg would take
+            # bytes for a file name (its stubs leave out the buffer its docs allow).
+            source = memoryview(data)
+        await conn.copy_to_table(
+            table, source=source, columns=COLUMNS, format="binary", timeout=self.write_timeout
+        )
 
     def _bad(self, n: int) -> None:
         if self.on_bad_record is not None:

@@ -28,8 +28,17 @@ from aiogateway.errors import ConfigError, error_response
 from aiogateway.exchange import Exchange
 from aiogateway.migrate import apply_migrations
 from aiogateway.plugin import Plugin, PluginConfig
+from aiogateway.spool import Spool
 from plugins.audit_log import AuditLogConfig
-from plugins.audit_writer import AuditWriter, uuid7
+from plugins.audit_writer import (
+    COLUMNS,
+    RECORD_ERRORS,
+    AuditWriter,
+    encode_record,
+    encode_values,
+    uuid7,
+    uuid7_bytes,
+)
 from tests.support.gateway import RunningGateway, StartGateway, StartGatewayProcess
 from tests.support.relay import Relay, StartRelay
 from tests.support.upstreams import RecordingUpstream, StartUpstream
@@ -419,8 +428,8 @@ async def test_down_at_startup_serves_spools_and_counts_drops_past_the_cap(
 
     await until(settled)
     dropped = outcomes.audit["dropped"]
-    assert 100 < dropped < 295  # the cap holds ~50 records of ~350 bytes
-    assert 0 < outcomes.audit["spooled"] <= 20000 // 300
+    assert 100 < dropped < 295  # the cap holds ~100 records of ~190 bytes
+    assert 0 < outcomes.audit["spooled"] <= 20000 // 150
 
     relay.restore()
     await until(lambda: _ready(client, gw))
@@ -589,7 +598,9 @@ def record(**over: Any) -> bytes:
 @pytest.fixture
 async def writer(db: str) -> AsyncIterator[AuditWriter]:
     w = AuditWriter()
-    w.pool = await asyncpg.create_pool(db, min_size=1, max_size=2, init=w.init_connection)
+    w.pool = await asyncpg.create_pool(
+        db, min_size=1, max_size=2, init=w.init_connection, reset=w.reset_connection
+    )
     yield w
     await w.pool.close()
 
@@ -640,3 +651,193 @@ def test_uuid7_is_a_valid_time_ordered_uuid() -> None:
     # Ordered by creation time at millisecond resolution.
     stamps = [i.replace("-", "")[:12] for i in ids]
     assert stamps == sorted(stamps)
+
+
+# Records in PostgreSQL's binary COPY form (the hook's), and the old orjson form ----
+
+
+def binary(**over: Any) -> bytes:
+    values: dict[str, Any] = {
+        "occurred_at": time.time(),
+        "request_id": uuid.uuid4().hex,
+        "route": "r",
+        "method": "GET",
+        "path": "/p",
+        "status": 200,
+        "duration_ms": 1.5,
+        "user_id": None,
+        "org_id": None,
+        "client_ip": "10.1.2.3",
+        "user_agent": None,
+        "upstream": "app",
+        "bytes_in": 0,
+        "bytes_out": 10,
+        "error": None,
+    }
+    values.update(over)
+    return encode_record(**values)
+
+
+async def test_binary_records_keep_every_value(db: str, writer: AuditWriter) -> None:
+    at = 1_767_225_600.123456  # 2026-01-01 00:00:00.123456 UTC
+    before = time.time()
+    assert (
+        await writer(
+            [
+                binary(
+                    occurred_at=at,
+                    request_id="req-a",
+                    route="sign-up",
+                    method="POST",
+                    path="/v1/client/sign-up",
+                    status=201,
+                    duration_ms=12.345,
+                    user_id="user-ü",
+                    org_id="org-1",
+                    client_ip="2001:db8::1",
+                    user_agent="agent/1.0",
+                    upstream="auth",
+                    bytes_in=2**40,
+                    bytes_out=7,
+                    error="timeout",
+                ),
+                binary(request_id="req-b", client_ip="unix-socket", route="", path=""),
+            ]
+        )
+        == []
+    )
+    rows = {r["request_id"]: r for r in await fetch_rows(db)}
+    a, b = rows["req-a"], rows["req-b"]
+    assert a["occurred_at"] == datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
+    assert (a["route"], a["method"], a["path"]) == ("sign-up", "POST", "/v1/client/sign-up")
+    assert (a["status"], a["duration_ms"], a["upstream"], a["error"]) == (
+        201,
+        12.345,
+        "auth",
+        "timeout",
+    )
+    assert (a["user_id"], a["org_id"], a["user_agent"]) == ("user-ü", "org-1", "agent/1.0")
+    assert str(a["client_ip"]) == "2001:db8::1"
+    assert (a["bytes_in"], a["bytes_out"]) == (2**40, 7)
+    assert (b["client_ip"], b["user_id"], b["error"], b["route"], b["path"]) == (
+        None, None, None, "", ""
+    )  # fmt: skip
+    for row in (a, b):
+        u = uuid.UUID(str(row["id"]))
+        assert (u.version, u.variant) == (7, uuid.RFC_4122)
+        assert abs(int(u.hex[:12], 16) / 1000 - before) < 5  # made now, in ms
+
+
+async def test_binary_replay_and_reused_ids_in_one_batch(db: str, writer: AuditWriter) -> None:
+    batch = [binary() for _ in range(50)]
+    assert await writer(batch) == []
+    # A replayed part (all conflicts), a new row, and a client-reused id twice over.
+    assert await writer([*batch[10:30], binary(), binary(request_id="dup")]) == []
+    assert await writer([binary(request_id="dup"), binary(request_id="dup")]) == []
+    assert await writer(batch[:5]) == []
+    assert await count(db) == (54, 52)
+    dups = sorted(r["request_id"] for r in await fetch_rows(db, "WHERE request_id LIKE 'dup%'"))
+    assert dups[0] == "dup"
+    assert all(re.fullmatch(r"dup#[0-9a-f-]{36}", d) for d in dups[1:])
+
+
+async def test_a_malformed_binary_record_is_dropped_alone(db: str, writer: AuditWriter) -> None:
+    bad: list[int] = []
+    writer.on_bad_record = bad.append
+    good = [binary(request_id=f"good-{i}") for i in range(3)]
+    torn = binary(request_id="torn")[:-9]  # a record cut short (a torn write)
+    assert await writer([good[0], torn, good[1], record(request_id="old"), good[2]]) == []
+    ids = {r["request_id"] for r in await fetch_rows(db)}
+    assert ids == {"good-0", "good-1", "good-2", "old"}
+    assert sum(bad) == 1
+
+
+def test_odd_values_take_the_careful_encoder() -> None:
+    for odd in ("/a\x00b", "/" + "x" * 3000, "/\udcff"):
+        with pytest.raises(RECORD_ERRORS):
+            binary(path=odd)
+    with pytest.raises(RECORD_ERRORS):
+        binary(status=2**40)
+    # Plain values: both encoders agree byte for byte (but for the id).
+    at = time.time()
+    plain = binary(occurred_at=at, request_id="same", user_agent="ua", user_id="u")
+    values = [
+        uuid7_bytes(), at, "same", "r", "GET", "/p", 200, 1.5, "u", None, "10.1.2.3", "ua",
+        "app", 0, 10, None,
+    ]  # fmt: skip
+    careful = encode_values(values)
+    assert careful[:6] + careful[22:] == plain[:6] + plain[22:]
+
+
+async def test_careful_records_are_made_storable(db: str, writer: AuditWriter) -> None:
+    def odd(request_id: str, **over: Any) -> bytes:
+        values = dict.fromkeys(COLUMNS)
+        values.update(id=uuid7(), occurred_at=time.time(), request_id=request_id, **over)
+        return encode_values(list(values.values()))
+
+    assert (
+        await writer(
+            [
+                odd("nul", path="/a\x00b"),
+                odd("long", user_agent="x" * 3000),
+                odd("surrogate", user_agent="a\udcffb"),
+                odd("typed", status=404, bytes_in=3, user_id=42),
+            ]
+        )
+        == []
+    )
+    rows = {r["request_id"]: r for r in await fetch_rows(db)}
+    assert rows["nul"]["path"] == "/a\ufffdb"
+    assert rows["long"]["user_agent"] == "x" * 2048
+    assert rows["surrogate"]["user_agent"] == "a?b"
+    assert (rows["typed"]["status"], rows["typed"]["bytes_in"]) == (404, 3)
+    assert rows["typed"]["user_id"] == "42"
+    assert rows["typed"]["route"] is None
+    with pytest.raises(RECORD_ERRORS):
+        odd("range", status=2**40)
+
+
+async def test_long_user_agent_is_cut_not_lost(
+    db: str,
+    start_gateway: StartGateway,
+    recording_upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    gw = await start_gateway(config(recording_upstream.url, db))
+    agent = "agent/" + "é" * 3000
+    async with client.get(gw.url + "/ok", headers={"User-Agent": agent}) as resp:
+        assert resp.status == 200
+    await rows_reach(db, 1)
+    (row,) = await fetch_rows(db)
+    assert row["user_agent"] == agent[:2048]
+    assert row["route"] == "ok"
+
+
+async def test_spooled_records_of_the_old_format_still_replay(
+    db: str,
+    start_gateway: StartGateway,
+    recording_upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    # A spool left by a version that wrote orjson records, one replayed twice over.
+    spool_dir = tmp_path / "audit-spool"
+    at = time.time() - 60
+    old = [record(request_id=f"old-{i}", occurred_at=at, user_agent="ua/1") for i in range(30)]
+    spool = Spool(spool_dir, max_bytes=1 << 20, segment_bytes=1 << 20)
+    spool.prepend([*old, old[3]])
+    spool.close()
+    gw = await start_gateway(config(recording_upstream.url, db, audit=f'spool_dir = "{spool_dir}"'))
+    async with client.get(gw.url + "/ok", headers={"X-Request-ID": "new-1"}) as resp:
+        assert resp.status == 200
+    await rows_reach(db, 31)
+    await asyncio.sleep(0.3)
+    assert await count(db) == (31, 31)
+    rows = {r["request_id"]: r for r in await fetch_rows(db)}
+    assert set(rows) == {f"old-{i}" for i in range(30)} | {"new-1"}
+    o = rows["old-7"]
+    assert (o["route"], o["method"], o["path"], o["status"]) == ("r", "GET", "/p", 200)
+    assert (str(o["client_ip"]), o["user_agent"], o["duration_ms"]) == ("10.1.2.3", "ua/1", 1.5)
+    assert o["occurred_at"] == datetime.fromtimestamp(at, UTC)
+    assert str(o["id"]) == orjson.loads(old[7])["id"]
+    assert not await _has_segments(spool_dir)
