@@ -49,6 +49,7 @@ class Row:
     x_direct: float | None = None
     added_p50_us: float | None = None
     note: str = ""
+    awake: bool = False  # measured with the proxy's core kept out of idle (procs.keep_awake)
 
     @property
     def mb_s(self) -> float:
@@ -107,9 +108,13 @@ def format_plugin_table(rows: list[Row], off: Row, delivery: Mapping[str, str]) 
     return head + "\n".join(lines) + "\n"
 
 
-def _find(rows: list[Row], proxy: str, body: str, conns: int) -> Row | None:
+def _find(rows: list[Row], proxy: str, body: str, conns: int, awake: bool = False) -> Row | None:
     return next(
-        (r for r in rows if r.proxy.startswith(proxy) and r.body == body and r.conns == conns),
+        (
+            r
+            for r in rows
+            if r.proxy.startswith(proxy) and (r.body, r.conns, r.awake) == (body, conns, awake)
+        ),
         None,
     )
 
@@ -145,6 +150,27 @@ def targets(rows: list[Row], scaling: float | None = None) -> list[str]:
     check("  same by CPU: naive CPU/req / gateway CPU/req", cpu_x, 3, False)
     check("empty chain CPU/req, 64 KiB", g64k.cpu_us if g64k else None, 200, True, " µs")
     check("empty chain added p50 at -c1", g1.added_p50_us if g1 else None, 150, True, " µs")
+    g1a = _find(rows, "gateway, empty chain", "100 B", 1, awake=True)
+    check(
+        "  same, proxy core kept awake (the condition of the issue's table)",
+        g1a.added_p50_us if g1a else None,
+        150,
+        True,
+        " µs",
+    )
+    refs = []
+    for name in ("nginx reverse proxy", "HAProxy", "naive aiohttp proxy"):
+        idle, awake = _find(rows, name, "100 B", 1), _find(rows, name, "100 B", 1, awake=True)
+        if idle is not None or awake is not None:
+            refs.append(
+                f"{name} {_f(idle.added_p50_us if idle else None)} idle / "
+                f"{_f(awake.added_p50_us if awake else None)} awake"
+            )
+    if refs:
+        out.append(
+            "  - added p50 µs of the baselines, same run: " + "; ".join(refs) + " (the issue's "
+            "table: nginx 62, HAProxy 67, naive 385)"
+        )
     if full is not None:
         check(f"{full.proxy} CPU/req", full.cpu_us, 200, True, " µs")
         check(f"{full.proxy} req/s x naive", full.x_naive, 2, False)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fullchain
 import hotpath
 from loadgen import have_wrk, run_count, run_load
-from procs import ProcSet, cores
+from procs import ProcSet, cores, keep_awake
 from report import (
     Row,
     commit,
@@ -117,7 +117,15 @@ class Bench:
     def log(self, msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    def measure(self, t: Target, body: str, conns: int, seconds: float, tail: float = 0.0) -> Row:
+    def measure(
+        self,
+        t: Target,
+        body: str,
+        conns: int,
+        seconds: float,
+        tail: float = 0.0,
+        awake: bool = False,
+    ) -> Row:
         """One load run; ``tail`` seconds after it count too (background work finishing)."""
         proc = t.proc
         cpu0 = proc.cpu_seconds() if proc else 0.0
@@ -133,8 +141,10 @@ class Bench:
         self.log(
             f"{t.name:<40} {body:>6} c{conns:<3} {load.rps:>9,.0f} req/s  "
             f"p50 {load.p50_us:>7,.0f} µs  CPU {per_req or 0:>6,.0f} µs/req"
+            + ("  (core awake)" if awake else "")
         )
-        return Row(t.name, body, conns, load, per_req, rss, SIZES[body])
+        note = "proxy core kept awake" if awake else ""
+        return Row(t.name, body, conns, load, per_req, rss, SIZES[body], note=note, awake=awake)
 
     def best_of(
         self,
@@ -144,12 +154,13 @@ class Bench:
         seconds: float,
         keep: bool = True,
         tail: float = 0.0,
+        awake: bool = False,
     ) -> dict[str, Row]:
         """Interleaved rounds; per target the round with the most req/s is kept."""
         best: dict[str, Row] = {}
         for _ in range(self.args.rounds):
             for t in targets:
-                row = self.measure(t, body, conns, seconds, tail)
+                row = self.measure(t, body, conns, seconds, tail, awake)
                 if t.name not in best or row.load.rps > best[t.name].load.rps:
                     best[t.name] = row
         if keep:
@@ -162,8 +173,8 @@ class Bench:
 
     def finish_ratios(self) -> None:
         for r in self.rows:
-            naive = self._row(NAIVE, r.body, r.conns)
-            direct = self._row("upstream", r.body, r.conns)
+            naive = self._row(NAIVE, r.body, r.conns, r.awake)
+            direct = self._row("upstream", r.body, r.conns, r.awake)
             if r.proxy != NAIVE and naive is not None:
                 r.x_naive = ratio(r.load.rps, naive.load.rps)
             if direct is not None and r is not direct:
@@ -171,12 +182,12 @@ class Bench:
                 if r.conns == 1:
                     r.added_p50_us = r.load.p50_us - direct.load.p50_us
 
-    def _row(self, prefix: str, body: str, conns: int) -> Row | None:
+    def _row(self, prefix: str, body: str, conns: int, awake: bool = False) -> Row | None:
         return next(
             (
                 r
                 for r in self.rows
-                if r.proxy.startswith(prefix) and (r.body, r.conns) == (body, conns)
+                if r.proxy.startswith(prefix) and (r.body, r.conns, r.awake) == (body, conns, awake)
             ),
             None,
         )
@@ -191,6 +202,8 @@ def _quick(b: Bench, upstream: Target) -> None:
     b.rows.append(b.measure(upstream, "100 B", 64, 3))
     b.best_of([gw, naive], "100 B", 64, secs)
     b.best_of([upstream, gw], "100 B", 1, 3)
+    with keep_awake(b.proxy_cpus):
+        b.best_of([upstream, gw], "100 B", 1, 3, awake=True)
 
 
 def _full(b: Bench, upstream: Target) -> None:
@@ -222,6 +235,8 @@ def _full(b: Bench, upstream: Target) -> None:
     b.rows.append(b.measure(upstream, "64 KiB", 64, secs))
     b.best_of([gw, naive, *natives], "64 KiB", 64, secs)
     b.best_of([upstream, gw, naive, *natives], "100 B", 1, secs)
+    with keep_awake(b.proxy_cpus):
+        b.best_of([upstream, gw, naive, *natives], "100 B", 1, secs, awake=True)
     _workers2(b, upstream, gw, secs)
     if not b.args.no_profile:
         _profile(b, gw)
