@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 __all__ = [
     "RESERVED_ATTRIBUTES",
     "Envelope",
+    "EventEncoder",
     "build_event",
     "check_attribute_name",
     "check_topic_name",
+    "fields",
     "first_param",
     "pack",
     "rfc3339_ms",
@@ -97,36 +99,53 @@ def rfc3339_ms(ts: float) -> str:
     return f"{_second[1]}.{ms:03d}Z"
 
 
-class _Uuid4:
-    """Random (version 4) UUID strings from pooled os.urandom bytes.
+_N_IDS = 256
+# 256 ids at a time: their text rows ("-" and the version digit in place) ...
+_ID_ROWS = b"00000000-0000-4000-8000-000000000000 " * _N_IDS
+# ... filled column by column from 32 random hex digits per id: (text column, hex
+# digit). Digit 12 is the version (4, in the template); 16 is the variant digit.
+_ID_COLUMNS = [
+    (dst, src)
+    for src, dst in enumerate(c for c in range(36) if c not in (8, 13, 18, 23))
+    if src not in (12, 16)
+]
+_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")  # RFC 4122: 10xx
 
-    The same entropy source as ``uuid.uuid4()``, one system call per 256 ids
-    instead of one each, and no UUID object: this runs once per event.
+
+class _Uuid4:
+    """Random (version 4) UUIDs, as text, from pooled os.urandom bytes.
+
+    The same entropy source as ``uuid.uuid4()`` (122 random bits each), one
+    system call per 256 ids instead of one each, and no UUID object: this runs
+    once per event. The 256 ids are formatted together, a column of digits at a
+    time, as ASCII bytes (what the event needs).
     """
 
-    __slots__ = ("_pool", "_pos")
+    __slots__ = ("_ids",)
 
     def __init__(self) -> None:
-        self._pool = b""
-        self._pos = 0
+        self._ids: list[bytes] = []
 
     def __call__(self) -> str:
-        pos = self._pos
-        if pos >= len(self._pool):
-            self._pool, pos = os.urandom(16 * 256), 0
-        self._pos = pos + 16
-        b = bytearray(self._pool[pos : pos + 16])
-        b[6] = (b[6] & 0x0F) | 0x40  # version 4
-        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
-        h = b.hex()
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return self.next_bytes().decode()
+
+    def next_bytes(self) -> bytes:
+        ids = self._ids
+        if not ids:
+            digits = os.urandom(16 * _N_IDS).hex().encode()
+            rows = bytearray(_ID_ROWS)
+            for dst, src in _ID_COLUMNS:
+                rows[dst::37] = digits[src::32]
+            rows[19::37] = digits[16::32].translate(_VARIANT)
+            ids[:] = bytes(rows).split()
+        return ids.pop()
 
     def reset(self) -> None:
-        self._pool, self._pos = b"", 0
+        self._ids.clear()
 
 
 uuid4 = _Uuid4()
-# A forked child must never reuse its parent's pooled bytes (duplicate ids).
+# A forked child must never reuse its parent's pooled ids (duplicate ids).
 os.register_at_fork(after_in_child=uuid4.reset)
 
 
@@ -187,6 +206,94 @@ def build_event(exchange: Exchange, spec: EventSpec, source: str) -> Envelope:
     )
 
 
+_MS = [b".%03dZ" % ms for ms in range(1000)]
+_dumps = orjson.dumps
+
+
+class EventEncoder:
+    """One route's events straight to queue records: ``pack(build_event(...))``, cheaper.
+
+    Everything the route fixes (source, type, attributes, route name, where the
+    key comes from) is serialized once, here; per event only the request's own
+    values are encoded (orjson, one call each). The value is byte for byte what
+    orjson makes of the dict :func:`build_event` builds (the tests compare them).
+    """
+
+    __slots__ = ("_after_id", "_after_route", "_after_time", "_after_user", "_key_param", "_type")
+
+    def __init__(
+        self, route_name: str, route_path: str | None, spec: EventSpec, source: str
+    ) -> None:
+        self._key_param = first_param(route_path)
+        self._type = spec.type.encode()
+        self._after_id = b'","source":' + _dumps(source) + b',"type":' + _dumps(spec.type)
+        self._after_id += b',"time":"'
+        self._after_time = b'","datacontenttype":"application/json","subject":'
+        # Extensions sit between subject and data (build_event's dict order).
+        extensions = b"," + _dumps(spec.attributes)[1:-1] if spec.attributes else b""
+        self._after_user = extensions + b',"data":{"request_id":'
+        self._after_route = b',"route":' + _dumps(route_name) + b',"method":'
+
+    def record(self, exchange: Exchange) -> bytes:
+        """The queue record (see :func:`pack`) of one finished exchange's event."""
+        ce_id = uuid4.next_bytes()
+        duration = exchange.duration
+        occurred = exchange.started_at + duration
+        whole = int(occurred)
+        if _second_b[0] != whole:  # events of one second share the formatting
+            _second_b[0] = whole
+            _second_b[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode()
+        user_id = exchange.user_id
+        user = b"null" if user_id is None else _dumps(user_id)
+        org_id = exchange.org_id
+        params = exchange.params
+        if user_id:
+            key = user_id
+        else:
+            name = self._key_param
+            value = params.get(name) if name is not None else None
+            key = value if value else exchange.request_id
+        key_b = key.encode()[:0xFFFF]  # as pack() cuts it
+        ce_type = self._type
+        return b"".join(
+            (
+                _HEAD.pack(_VERSION, len(key_b), len(ce_id), len(ce_type)),
+                key_b,
+                ce_id,
+                ce_type,
+                b'{"specversion":"1.0","id":"',
+                ce_id,
+                self._after_id,
+                _second_b[1],
+                _MS[int((occurred - whole) * 1000)],
+                self._after_time,
+                user,
+                self._after_user,
+                _dumps(exchange.request_id),
+                self._after_route,
+                _dumps(exchange.method),
+                b',"path":',
+                _dumps(exchange.path),
+                b',"params":',
+                _dumps(params) if params else b"{}",
+                b',"status":',
+                b"%d" % exchange.status,
+                b',"duration_ms":',
+                _dumps(round(duration * 1000.0, 3)),
+                b',"user_id":',
+                user,
+                b',"org_id":',
+                b"null" if org_id is None else _dumps(org_id),
+                b',"client_ip":',
+                _dumps(exchange.client_ip),
+                b"}}",
+            )
+        )
+
+
+_second_b: list[Any] = [None, b""]  # the last second formatted for EventEncoder, and its text
+
+
 def pack(env: Envelope) -> bytes:
     """One queue record: header, key, id, type, then the JSON value."""
     key = env.key[:0xFFFF]  # a key past 64 KiB is cut: keys only steer partitioning
@@ -199,15 +306,16 @@ def pack(env: Envelope) -> bytes:
     )
 
 
-def unpack(record: bytes) -> Envelope:
+def fields(record: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """A queue record's (key, ce_id, ce_type, value): :func:`unpack` without the object."""
     version, klen, ilen, tlen = _HEAD.unpack_from(record)
     if version != _VERSION:
         raise ValueError(f"unknown event record version {version}")
-    pos = _HEAD.size
-    key = record[pos : pos + klen]
-    pos += klen
-    ce_id = record[pos : pos + ilen]
-    pos += ilen
-    ce_type = record[pos : pos + tlen]
-    pos += tlen
-    return Envelope(key=key, ce_id=ce_id, ce_type=ce_type, value=record[pos:])
+    pos = _HEAD.size + klen
+    end = pos + ilen
+    return record[_HEAD.size : pos], record[pos:end], record[end : end + tlen], record[end + tlen :]
+
+
+def unpack(record: bytes) -> Envelope:
+    key, ce_id, ce_type, value = fields(record)
+    return Envelope(key=key, ce_id=ce_id, ce_type=ce_type, value=value)

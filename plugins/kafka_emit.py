@@ -35,12 +35,13 @@ from aiogateway.delivery import DeliveryQueue
 from aiogateway.errors import ConfigError
 from aiogateway.plugin import GatewayApp, Plugin, PluginConfig
 
-from .cloudevents import build_event, check_attribute_name, check_topic_name, pack
+from .cloudevents import EventEncoder, check_attribute_name, check_topic_name
 from .kafka_producer import EventProducer, ProducerSettings
 
 if TYPE_CHECKING:
     from aiogateway.exchange import Exchange
-    from aiogateway.settings import RouteSettings
+    from aiogateway.routes import Route
+    from aiogateway.settings import EventSpec, RouteSettings
     from aiogateway.telemetry import Telemetry
 
 __all__ = ["KafkaEmit", "KafkaEmitConfig"]
@@ -162,6 +163,9 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         # Filled by check_route while the config loads, before startup.
         self._route_topics: set[str] = set()
         self._topics: dict[str, _Topic] = {}
+        # Per route (this config load's Route objects): its queue, encoder and
+        # whether every status emits; made at the route's first event.
+        self._emitters: dict[Route, tuple[_Topic, EventEncoder, bool]] = {}
         self._producer: EventProducer | None = None
         self._app: GatewayApp | None = None
         self._spool_root = Path()
@@ -290,14 +294,29 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
 
     async def on_complete(self, exchange: Exchange) -> None:
         route = exchange.route
-        if route is None or (event := route.event) is None:
+        if route is None:
             return
-        if event.on != "always" and not 200 <= exchange.status < 300:
-            return
+        emitter = self._emitters.get(route)
+        if emitter is None:
+            if route.event is None:
+                return
+            emitter = self._emitter(route, route.event)
+        entry, encoder, always = emitter
+        if always or 200 <= exchange.status < 300:
+            entry.queue.put(encoder.record(exchange))
+
+    def _emitter(self, route: Route, event: EventSpec) -> tuple[_Topic, EventEncoder, bool]:
         entry = self._topics.get(event.topic)
         if entry is None:
             entry = self._late_topic(event.topic)
-        entry.queue.put(pack(build_event(exchange, event, self.config.source)))
+        if len(self._emitters) >= 10_000:  # only this load's routes are expected here
+            self._emitters.clear()
+        emitter = self._emitters[route] = (
+            entry,
+            EventEncoder(route.name, route.path, event, self.config.source),
+            event.on == "always",
+        )
+        return emitter
 
     def _late_topic(self, topic: str) -> _Topic:
         # Not seen by check_route (a route built without it): start its queue now;

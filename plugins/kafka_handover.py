@@ -27,7 +27,7 @@ from aiokafka.errors import BrokerResponseError, KafkaError, NodeNotReadyError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from .cloudevents import Envelope, unpack
+from .cloudevents import fields
 
 __all__ = ["MAX_EVENT_BYTES", "Handover", "Verifier", "refused", "send_once"]
 
@@ -35,8 +35,15 @@ log = logging.getLogger("aiogateway.plugins.kafka_emit")
 
 # aiokafka's default max_request_size: a larger event can never be sent.
 MAX_EVENT_BYTES = 1_048_576
+# A record this much below the limit needs no exact size (batch header, varints
+# and header names add far less than this to key, id, type and value).
+_SURELY_SMALL = MAX_EVENT_BYTES - 1024
 _PARTITIONER = DefaultPartitioner()
 _estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+
+# One event as the batch builder takes it: queue record, key, value, headers
+# (ce_type, ce_id).
+_Item = tuple[bytes, bytes, bytes, list[tuple[str, bytes]]]
 
 
 def send_once(producer: AIOKafkaProducer) -> bool:
@@ -169,7 +176,7 @@ class Handover:
         self.topic = topic
         self.records = records
         self._cache = cache
-        self.parts: dict[int, list[tuple[bytes, Envelope]]] | None = None  # None: not split yet
+        self.parts: dict[int, list[_Item]] | None = None  # None: not split yet
         self.done: dict[int, int] = {}  # per partition: records settled (delivered or refused)
         self.inflight: dict[int, tuple[int, asyncio.Future[Any]]] = {}  # count, future
         self.refused = 0
@@ -180,23 +187,32 @@ class Handover:
         except KafkaError as exc:  # no metadata: nothing handed over, all retried
             log.debug("kafka-emit: %s: no metadata: %s", self.topic, exc)
             return
-        parts: dict[int, list[tuple[bytes, Envelope]]] = {}
+        parts: dict[int, list[_Item]] = {}
+        single = partitions[0] if len(partitions) == 1 else None
         for record in self.records:
-            env = unpack(record)
-            size = _estimate(env.key, env.value, _headers(env))
-            if size > MAX_EVENT_BYTES:
-                self.refused += 1
-                log.error("kafka-emit: %s: dropping a %d-byte event", self.topic, size)
-                continue
-            parts.setdefault(self._partition(env.key, partitions), []).append((record, env))
+            key, ce_id, ce_type, value = fields(record)
+            headers = [("ce_type", ce_type), ("ce_id", ce_id)]
+            if len(record) > _SURELY_SMALL:
+                size = _estimate(key, value, headers)
+                if size > MAX_EVENT_BYTES:
+                    self.refused += 1
+                    log.error("kafka-emit: %s: dropping a %d-byte event", self.topic, size)
+                    continue
+            part = single if single is not None else self._partition(key, partitions)
+            items = parts.get(part)
+            if items is None:
+                items = parts[part] = []
+            items.append((record, key, value, headers))
         self.parts = parts
+        if len(parts) == 1:  # no task per batch for the common case
+            part, items = next(iter(parts.items()))
+            await self._run_partition(part, items, verifier)
+            return
         await asyncio.gather(
             *(self._run_partition(p, items, verifier) for p, items in parts.items())
         )
 
-    async def _run_partition(
-        self, part: int, items: list[tuple[bytes, Envelope]], verifier: Verifier
-    ) -> None:
+    async def _run_partition(self, part: int, items: list[_Item], verifier: Verifier) -> None:
         tp = TopicPartition(self.topic, part)
         self.done[part] = 0
         try:
@@ -207,15 +223,7 @@ class Handover:
         i = 0
         while i < len(items):
             builder = self.producer.create_batch()
-            n = 0  # an empty batch always takes its first record
-            while i + n < len(items):
-                env = items[i + n][1]
-                meta = builder.append(
-                    timestamp=None, key=env.key, value=env.value, headers=_headers(env)
-                )
-                if meta is None:
-                    break
-                n += 1
+            n = _fill(builder, items, i)
             builder.close()
             try:
                 fut = await self.producer.send_batch(builder, self.topic, partition=part)
@@ -232,7 +240,7 @@ class Handover:
                     self.refused += n
                     log.error("kafka-emit: %s refused %d events: %s", tp, n, exc)
                 elif isinstance(exc, NodeNotReadyError) or not await verifier.written(
-                    tp, start, {env.ce_id for _, env in items[i : i + n]}
+                    tp, start, {headers[1][1] for *_, headers in items[i : i + n]}
                 ):
                     del self.inflight[part]
                     return  # not written: this batch and the rest are retried, in order
@@ -270,9 +278,29 @@ class Handover:
                 n, fut = flight
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     settled += n
-            undelivered.extend(record for record, _ in items[settled:])
+            undelivered.extend(item[0] for item in items[settled:])
         return undelivered, self.refused
 
 
-def _headers(env: Envelope) -> list[tuple[str, bytes]]:
-    return [("ce_type", env.ce_type), ("ce_id", env.ce_id)]
+def _fill(builder: Any, items: list[_Item], i: int) -> int:
+    """Append items[i:] to a fresh producer batch until it is full; how many went in."""
+    raw: Any = getattr(builder, "_builder", None)
+    # (A fresh BatchBuilder's _relative_offset is 0.)
+    if type(raw) is not DefaultRecordBatchBuilder or getattr(builder, "_relative_offset", 1) != 0:
+        # aiokafka's internals changed: its public (slower) append.
+        n = 0  # an empty batch always takes its first record
+        for _, key, value, headers in items[i:]:
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                break
+            n += 1
+        return n
+    # The record builder under aiokafka's BatchBuilder, called directly: one
+    # Python call less per event. BatchBuilder counts records in _relative_offset.
+    append = raw.append
+    n = 0
+    for _, key, value, headers in items[i:]:
+        if append(n, None, key, value, headers) is None:
+            break
+        n += 1
+    builder._relative_offset = n
+    return n

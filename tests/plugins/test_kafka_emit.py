@@ -7,22 +7,36 @@ and broker stands in for a network partition.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from aiogateway.errors import ConfigError
 from aiogateway.exchange import Exchange
 from aiogateway.plugin import Plugin, PluginConfig
-from plugins.cloudevents import Envelope, first_param, pack, rfc3339_ms, unpack
+from aiogateway.settings import EventSpec
+from plugins.cloudevents import (
+    Envelope,
+    EventEncoder,
+    build_event,
+    fields,
+    first_param,
+    pack,
+    rfc3339_ms,
+    unpack,
+    uuid4,
+)
 from plugins.kafka_emit import KafkaEmit
 from tests.support.gateway import StartGateway, StartGatewayProcess
 from tests.support.kafka import KafkaBroker, StartBroker, consume, create_topics, free_port
@@ -138,6 +152,105 @@ def test_first_param_in_template_order() -> None:
 def test_record_round_trip() -> None:
     env = Envelope(key="ü".encode(), ce_id=b"abc", ce_type=b"t", value=b'{"x":1}')
     assert unpack(pack(env)) == env
+
+
+def test_record_fields_match_unpack() -> None:
+    env = Envelope(key=b"k", ce_id=b"i" * 36, ce_type=b"user_registered", value=b"{}")
+    assert fields(pack(env)) == (env.key, env.ce_id, env.ce_type, env.value)
+    with pytest.raises(ValueError, match="version"):
+        fields(b"\x02" + pack(env)[1:])
+
+
+def test_uuid4_ids_are_random_rfc4122_version_4() -> None:
+    ids = [uuid4() for _ in range(1000)]  # several pools of 256
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # Every random digit varies (a column left out of the template would not).
+    for pos in range(36):
+        if pos not in (8, 13, 14, 18, 19, 23):
+            assert len({t[pos] for t in ids}) > 8, pos
+    assert {t[19] for t in ids} == set("89ab")
+
+
+def test_uuid4_pool_is_not_shared_with_a_forked_child() -> None:
+    uuid4()  # the pool is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.write(write, uuid4().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != uuid4()
+
+
+def _finished_exchange(**values: Any) -> Exchange:
+    ex = Exchange(
+        make_mocked_request("GET", "/"),
+        values.pop("request_id", "req-1"),
+        values.pop("method", "GET"),
+        values.pop("path", "/v1/x"),
+        "",
+        values.pop("client_ip", "127.0.0.1"),
+        100.0,
+    )
+    ex.started_at = values.pop("started_at", 1795980060.1)
+    ex.finished = ex.started + values.pop("duration", 0.0123)
+    for name, value in values.items():
+        setattr(ex, name, value)
+    return ex
+
+
+@pytest.mark.parametrize(
+    ("route_path", "spec", "values"),
+    [
+        ("/v1/x", EventSpec(topic="t", type="user_registered"), {"status": 201}),
+        (
+            "/v1/org/{id}/member/{user_id}",
+            EventSpec(topic="t", type="member_removed", on="always"),
+            {"status": 500, "params": {"id": 'o"1', "user_id": "m/ü"}, "org_id": "org-9"},
+        ),
+        (
+            "/v1/org/{id}",
+            EventSpec(topic="t", type='t\u00e9"', attributes={"tenant": 'ac"me', "z": "1"}),
+            {
+                "status": 204,
+                "params": {"id": ""},
+                "user_id": 'user \\ "1" \n\u2028',
+                "org_id": "",
+                "request_id": 'r"\\q',
+                "path": "/v1/org/ü%2F\x7f",
+                "method": "PATCH",
+                "client_ip": "",
+                "duration": 1234.56789,
+                "started_at": 0.0009,
+            },
+        ),
+        (None, EventSpec(topic="t", type="t"), {"status": 200, "user_id": "", "duration": 0.0}),
+    ],
+)
+def test_encoder_record_is_pack_of_build_event(
+    route_path: str | None, spec: EventSpec, values: dict[str, Any]
+) -> None:
+    # The fast encoder must give the very bytes of the plain one: same envelope
+    # (orjson of the same dict, same order), key, headers and framing.
+    route: Any = SimpleNamespace(name='route "ü"', path=route_path)
+    ex = _finished_exchange(**values)
+    ex.route = route
+    record = EventEncoder(route.name, route_path, spec, 'src"').record(ex)
+    got = unpack(record)
+    want = build_event(ex, spec, 'src"')
+    assert len(got.ce_id) == 36
+    assert got.value.replace(got.ce_id, want.ce_id) == want.value
+    assert record == pack(Envelope(want.key, got.ce_id, want.ce_type, got.value))
+    doc = orjson.loads(got.value)
+    assert doc["id"] == got.ce_id.decode()
 
 
 # Config checks ------------------------------------------------------------------
