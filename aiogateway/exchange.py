@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
+from .headers import response_headers
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from aiohttp import web
 
     from .routes import Route
@@ -48,6 +52,8 @@ class Exchange:
     """
 
     __slots__ = (
+        "_raw_response_headers",
+        "_response_headers",
         "bytes_in",
         "bytes_out",
         "claims",
@@ -64,7 +70,6 @@ class Exchange:
         "rejected_by",
         "request",
         "request_id",
-        "response_headers",
         "route",
         "started",
         "started_at",
@@ -101,7 +106,8 @@ class Exchange:
         self.org_id: str | None = None
         self.principal: str | None = None
         self.extra_upstream_headers: list[tuple[str, str]] = []
-        self.response_headers: CIMultiDict[str] = CIMultiDict()
+        self._response_headers: CIMultiDict[str] | None = None
+        self._raw_response_headers: Sequence[tuple[bytes, bytes]] | None = None
         self.status = 0
         self.upstream_status: int | None = None
         self.bytes_in = 0
@@ -112,6 +118,37 @@ class Exchange:
         self.error: str | None = None
         self.rejected_by: str | None = None
         self.state: dict[str, Any] = {}
+
+    @property
+    def response_headers(self) -> CIMultiDict[str]:
+        """The headers going to the client (built on first use from the upstream's)."""
+        headers = self._response_headers
+        if headers is None:
+            raw = self._raw_response_headers
+            headers = CIMultiDict() if raw is None else response_headers(raw, self.request_id)
+            self._response_headers = headers
+        return headers
+
+    @response_headers.setter
+    def response_headers(self, headers: CIMultiDict[str]) -> None:
+        self._response_headers = headers
+
+    def set_upstream_headers(self, raw: Sequence[tuple[bytes, bytes]]) -> None:
+        """The upstream's response headers; ``response_headers`` is derived from them
+        only when something reads it (the common response is written from the raw
+        headers directly: aiogateway/response_writer.py)."""
+        self._raw_response_headers = raw
+        self._response_headers = None
+
+    @property
+    def raw_response_headers(self) -> Sequence[tuple[bytes, bytes]] | None:
+        """The upstream's response headers as received, None before they came."""
+        return self._raw_response_headers
+
+    @property
+    def response_headers_built(self) -> bool:
+        """Whether ``response_headers`` was read (and so may have been edited)."""
+        return self._response_headers is not None
 
     def add_upstream_header(self, name: str, value: str) -> None:
         """From ``on_request``: send this header to the upstream."""

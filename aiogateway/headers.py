@@ -19,6 +19,7 @@ __all__ = [
     "HOP_BY_HOP",
     "REQUEST_DROP",
     "RESPONSE_DROP",
+    "connection_listed",
     "connection_tokens",
     "new_request_id",
     "request_id_from",
@@ -144,12 +145,7 @@ def response_headers(
         lname = name.lower()
         if lname in RESPONSE_DROP:
             if lname == b"connection":
-                # "keep-alive"/"close" (nearly always the only tokens) name nothing extra.
-                listed.extend(
-                    t
-                    for t in (t.strip().lower() for t in value.split(b","))
-                    if t and t not in _SELF
-                )
+                listed.extend(connection_listed(value))
             continue
         kept.append((name.decode("latin-1"), value.decode("latin-1")))
     headers: CIMultiDict[str] = CIMultiDict(kept)  # one C-level build, not N adds
@@ -160,3 +156,9 @@ def response_headers(
 
 
 _SELF = frozenset({b"keep-alive", b"close"})
+
+
+def connection_listed(value: bytes) -> list[bytes]:
+    """The header names a response's Connection value declares hop-by-hop
+    (lower-case); "keep-alive"/"close" (nearly always the only tokens) name none."""
+    return [t for t in (t.strip().lower() for t in value.split(b",")) if t and t not in _SELF]

@@ -24,7 +24,6 @@ from .headers import (
     REQUEST_DROP,
     new_request_id,
     request_id_from,
-    response_headers,
     upstream_request_headers,
 )
 from .pathnorm import BadPath, encode_path, normalize_path
@@ -386,13 +385,8 @@ class ProxyHandler:
             upstream.close()
             return await self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
-        exchange.response_headers = headers = response_headers(
-            upstream.headers, exchange.request_id
-        )
-        # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).
-        response = ProxyResponse(
-            status=upstream.status, reason=upstream.reason, _real_headers=headers
-        )
+        exchange.set_upstream_headers(upstream.headers)
+        response = ProxyResponse(status=upstream.status, reason=upstream.reason)
         route = exchange.route
         assert route is not None
         request = exchange.request
@@ -407,9 +401,15 @@ class ProxyHandler:
                 # The whole body is here: head and body in one write, without
                 # aiohttp's response machinery (aiogateway/response_writer.py).
                 exchange.bytes_out = len(first)
-                await send_complete(request, response, first)
+                await send_complete(request, response, first, exchange)
                 upstream.release()
                 return response
+            # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).
+            response = ProxyResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                _real_headers=exchange.response_headers,
+            )
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)

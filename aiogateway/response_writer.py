@@ -9,22 +9,40 @@ Date, Server, the Connection header the client's version and keep-alive call
 for), writes head and body at once, and marks the response sent, so aiohttp's
 own ``finish_response`` has nothing left to do. Responses that must not carry
 a body (HEAD, 1xx, 204, 304, 2xx to CONNECT) keep aiohttp's path.
+
+When no ``on_response`` hook read ``exchange.response_headers``, the head is
+built from the upstream's raw header bytes (:func:`raw_response_head`): the
+same headers as :func:`~aiogateway.headers.response_headers` would keep, in the
+same order and encoding (obs-text bytes are sent as UTF-8 of their Latin-1
+reading, as aiohttp sends the multidict), without the round trip through str
+and a multidict; llhttp has refused CR and LF inside them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
-__all__ = ["can_send_complete", "send_complete"]
+from .headers import RESPONSE_DROP, connection_listed
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+__all__ = ["can_send_complete", "raw_response_head", "response_head", "send_complete"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _NO_BODY_METHODS = frozenset({"HEAD", "CONNECT"})
 # Bodies up to this size are copied into the head's buffer (one write of one
 # object); larger ones go as a second buffer of the same writelines call.
 _COALESCE = 16 * 1024
+_SERVER = SERVER_SOFTWARE.encode()
+# Headers whose absence the head makes up for (bit flags).
+_DEFAULTED = {b"content-type": 1, b"date": 2, b"server": 4}
 
 
 def can_send_complete(method: str, status: int) -> bool:
@@ -67,13 +85,58 @@ def response_head(
     return text.encode("utf-8")
 
 
+def raw_response_head(
+    request: web.BaseRequest,
+    status: int,
+    reason: str,
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    request_id: str,
+    length: int,
+    keep_alive: bool,
+) -> bytes | None:
+    """``response_head(response_headers(raw_headers, request_id), ...)`` from the raw
+    bytes; None when the upstream's Connection header names other headers (rare:
+    the multidict path handles it)."""
+    version = request.version
+    parts = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, status, reason.encode())]
+    seen = 0
+    defaulted = _DEFAULTED
+    for name, value in raw_headers:
+        lname = name.lower()
+        if lname in RESPONSE_DROP:
+            if lname == b"connection" and connection_listed(value):
+                return None
+            continue
+        seen |= defaulted.get(lname, 0)
+        if not value.isascii():
+            value = value.decode("latin-1").encode()  # as the multidict path sends it
+        parts += (name, b": ", value, b"\r\n")
+    parts += (b"X-Request-ID: ", request_id.encode(), b"\r\nContent-Length: %d\r\n" % length)
+    if length and not seen & 1:
+        parts.append(b"Content-Type: application/octet-stream\r\n")
+    if not seen & 2:
+        parts += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
+    if not seen & 4:
+        parts += (b"Server: ", _SERVER, b"\r\n")
+    if keep_alive:
+        if version.minor == 0:
+            parts.append(b"Connection: keep-alive\r\n")
+    elif version.minor == 1:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 async def send_complete(
     request: web.BaseRequest,
     response: web.StreamResponse,
     body: bytes | memoryview,
+    exchange: Exchange | None = None,
 ) -> None:
     """Write ``response``'s head and ``body`` to the client and mark it sent.
 
+    With ``exchange`` whose response headers nobody read, the head comes from
+    the upstream's raw headers; otherwise from ``response.headers``.
     Raises ``ConnectionResetError`` when the client has gone (as aiohttp's
     writer would); waits for the transport to drain past its high-water mark,
     so a client that does not read holds back its own connection only.
@@ -81,9 +144,18 @@ async def send_complete(
     keep_alive = response.keep_alive
     if keep_alive is None:
         keep_alive = request.keep_alive
-    head = response_head(
-        request, response.status, response.reason, response.headers, len(body), keep_alive
-    )
+    status, reason, length = response.status, response.reason, len(body)
+    head = None
+    headers = response.headers
+    if exchange is not None:
+        raw = exchange.raw_response_headers
+        if raw is not None and not exchange.response_headers_built:
+            head = raw_response_head(
+                request, status, reason, raw, exchange.request_id, length, keep_alive
+            )
+        headers = exchange.response_headers
+    if head is None:
+        head = response_head(request, status, reason, headers, length, keep_alive)
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client connection closed")

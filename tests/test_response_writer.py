@@ -85,6 +85,12 @@ UPSTREAM_HEADS = {
     ),
     "bare": b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n",
     "no-reason": b"HTTP/1.1 202\r\nContent-Length: 100\r\nX-Thing: 1\r\n\r\n",
+    # Connection names another header hop-by-hop: both paths drop it.
+    "connection-listed": (
+        b"HTTP/1.1 200 OK\r\nX-Hop: secret\r\nConnection: keep-alive, X-Hop\r\n"
+        b"Content-Length: 100\r\nDate: Sun, 29 Nov 2026 20:00:00 GMT\r\n\r\n"
+    ),
+    "obs-text": b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\nContent-Length: 100\r\n\r\n",
 }
 CLIENTS = {
     "1.1 keep-alive": b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -125,23 +131,36 @@ chain = []
         await real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr("aiogateway.proxy.send_complete", spy)
+    raw_heads: list[bytes | None] = []
+    real_raw = response_writer.raw_response_head
+
+    def raw_spy(*args: object) -> bytes | None:
+        raw_heads.append(head := real_raw(*args))  # type: ignore[arg-type]
+        return head
+
+    monkeypatch.setattr(response_writer, "raw_response_head", raw_spy)
 
     up.split = False
     fast = await _exchange(gw.port, CLIENTS[client])
     assert used == [True], "the whole body was there: the one-write path answers"
+    # Untouched headers go from the upstream's raw bytes, except when Connection
+    # names headers to drop (the multidict path does that).
+    assert len(raw_heads) == 1
+    assert (raw_heads[0] is None) == (upstream_head == "connection-listed")
     up.split = True
     slow = await _exchange(gw.port, CLIENTS[client])
     assert used == [True], "a split body goes through aiohttp's path"
 
     def comparable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         varying = ("date", "x-request-id")
-        return sorted((k.lower(), "<varies>" if k.lower() in varying else v) for k, v in headers)
+        return [(k.lower(), "<varies>" if k.lower() in varying else v) for k, v in headers]
 
     assert fast[0] == slow[0]
-    assert comparable(fast[1]) == comparable(slow[1])
+    assert comparable(fast[1]) == comparable(slow[1]), "same headers, same order"
     assert fast[2] == slow[2] == BODY
     assert fast[3] == slow[3], "same keep-alive decision"
     assert sum(k.lower() == "x-request-id" for k, _ in fast[1]) == 1
+    assert not any(k.lower() == "x-hop" for k, _ in fast[1])
 
 
 def test_header_with_newline_is_refused() -> None:
