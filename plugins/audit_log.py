@@ -240,19 +240,19 @@ class AuditLog(Plugin[AuditLogConfig]):
             try:
                 record = encode_record(
                     exchange.started_at,
-                    exchange.request_id,
-                    route.name if route is not None else "unmatched",
-                    exchange.method,
-                    exchange.path,
                     exchange.status,
                     round(exchange.duration * 1e6) / 1000,
-                    exchange.user_id,
-                    exchange.org_id,
-                    exchange.client_ip,
-                    exchange.request.headers.get("User-Agent"),
-                    route.upstream.name if route is not None else None,
                     exchange.bytes_in,
                     exchange.bytes_out,
+                    exchange.request_id,
+                    exchange.path,
+                    route.name if route is not None else "unmatched",
+                    exchange.method,
+                    route.upstream.name if route is not None else None,
+                    exchange.request.headers.get("User-Agent"),
+                    exchange.client_ip,
+                    exchange.user_id,
+                    exchange.org_id,
                     exchange.error,
                 )
             except RECORD_ERRORS:  # an odd value (long, NUL, lone surrogate, out of range)

@@ -2,9 +2,10 @@
 
 A record is made once, in the hook, in the form PostgreSQL's binary COPY reads
 (:func:`encode_record`): the field count (int16, 16), then for each column in
-``COLUMNS`` order an int32 length (-1: NULL) and the value in PostgreSQL's
-binary format. A batch is its records joined under COPY's binary header: the
-writer decodes and re-encodes nothing. Records spooled by earlier versions are
+``RECORD_COLUMNS`` order (fixed-size ones first: they pack in one call) an
+int32 length (-1: NULL) and the value in PostgreSQL's binary format. A batch is
+its records joined under COPY's binary header: the writer decodes and
+re-encodes nothing. Records spooled by earlier versions are
 orjson objects (they start with ``{``, a tuple with ``\\x00``) and are
 converted when they are read back.
 
@@ -52,6 +53,7 @@ from asyncpg.pool import PoolConnectionProxy
 __all__ = [
     "COLUMNS",
     "KEY_COLUMNS",
+    "RECORD_COLUMNS",
     "RECORD_ERRORS",
     "AuditWriter",
     "encode_record",
@@ -68,6 +70,12 @@ COLUMNS = (
     "user_id", "org_id", "client_ip", "user_agent", "upstream", "bytes_in", "bytes_out", "error",
 )  # fmt: skip
 KEY_COLUMNS = frozenset({"id", "occurred_at", "request_id"})  # always recorded
+# The order of a record's fields (COPY names the columns, so any order will do).
+RECORD_COLUMNS = (
+    "id", "occurred_at", "status", "duration_ms", "bytes_in", "bytes_out", "request_id", "path",
+    "route", "method", "upstream", "user_agent", "client_ip", "user_id", "org_id", "error",
+)  # fmt: skip
+_TO_RECORD = tuple(COLUMNS.index(c) for c in RECORD_COLUMNS)
 _MAX_TEXT = 2048  # longest user_agent / path kept; a row is no place for megabytes
 _STAGING = "audit_log_staging"
 _MIN_CHUNK = 1000  # rows: only a backlog (spool replay, bursts) is worth more connections
@@ -108,9 +116,9 @@ _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 (PostgreSQL's epoch) in Unix mi
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _len = struct.Struct("!i").pack
-_HEAD = struct.Struct("!hi16siq").pack  # 16 fields; id (16 bytes); occurred_at (int8)
-_STATUS_DURATION = struct.Struct("!iiid").pack  # status (int4), duration_ms (float8)
-_BYTES = struct.Struct("!iqiq").pack  # bytes_in, bytes_out (int8)
+# 16 fields; id (16 bytes), occurred_at (int8), status (int4), duration_ms (float8),
+# bytes_in, bytes_out (int8), each after its length
+_FIXED = struct.Struct("!hi16siqiiidiqiq").pack
 _INT4 = struct.Struct("!ii").pack
 _INT8 = struct.Struct("!iq").pack
 _FLOAT8 = struct.Struct("!id").pack
@@ -153,15 +161,23 @@ def _text_field(v: Any) -> bytes:
 
 # Columns with few distinct values keep their encoded fields. One cache each: a
 # user agent seen once must not push a route name out.
-_label = functools.lru_cache(maxsize=256)(_text_field)  # route, method, upstream, error
+_label = functools.lru_cache(maxsize=256)(_text_field)  # error
 _agent = functools.lru_cache(maxsize=1024)(_text_field)
+
+
+@functools.lru_cache(maxsize=1024)
+def _route(route: Any, method: Any, upstream: Any) -> bytes:
+    """The route, method and upstream fields: a few per route."""
+    return _text_field(route) + _text_field(method) + _text_field(upstream)
 
 
 def _once(s: str) -> bytes:
     """A text field of a value seen once (request id, path): raises unless plain."""
+    if "\x00" in s:
+        raise ValueError("NUL")
     b = s.encode()
-    if len(b) > _MAX_TEXT or b"\x00" in b:
-        raise ValueError("long text, or NUL")
+    if len(b) > _MAX_TEXT:
+        raise ValueError("long text")
     return _len(len(b)) + b
 
 
@@ -182,42 +198,52 @@ def _inet(v: Any) -> bytes:
 
 def encode_record(
     occurred_at: float,
-    request_id: str,
-    route: str,
-    method: str,
-    path: str,
     status: int,
     duration_ms: float,
-    user_id: str | None,
-    org_id: str | None,
-    client_ip: str,
-    user_agent: str | None,
-    upstream: str | None,
     bytes_in: int,
     bytes_out: int,
+    request_id: str,
+    path: str,
+    route: str,
+    method: str,
+    upstream: str | None,
+    user_agent: str | None,
+    client_ip: str,
+    user_id: str | None,
+    org_id: str | None,
     error: str | None,
 ) -> bytes:
-    """The record of one request, with a new id (the hook's hot path).
+    """The record of one request, with a new id (the hook's hot path; RECORD_COLUMNS order).
 
     Plain values only: anything else (a long or NUL-bearing text, a lone
     surrogate, a number out of range) raises one of RECORD_ERRORS, and the
     caller takes :func:`encode_values`.
     """
+    # NUL checked in the str: `bytes in bytes` first tries the needle as an int,
+    # and formats (then drops) a TypeError each time.
+    if "\x00" in request_id or "\x00" in path:
+        raise ValueError("NUL")
+    rid = request_id.encode()
+    p = path.encode()
+    if len(rid) > _MAX_TEXT or len(p) > _MAX_TEXT:
+        raise ValueError("long text")
+    # uuid7_bytes(), inline: this runs once per request
+    uid = (_time_ns() // 1_000_000 << 80 | _getrandbits(80) & _UUID_RAND | _UUID_V7).to_bytes(16)
+    at = round(occurred_at * 1e6) - _PG_EPOCH_US
+    fixed = _FIXED(16, 16, uid, 8, at, 4, status, 8, duration_ms, 8, bytes_in, 8, bytes_out)
     return b"".join(
         (
-            _HEAD(16, 16, uuid7_bytes(), 8, round(occurred_at * 1e6) - _PG_EPOCH_US),
-            _once(request_id),
-            _label(route),
-            _label(method),
-            _once(path),
-            _STATUS_DURATION(4, status, 8, duration_ms),
+            fixed,
+            _len(len(rid)),
+            rid,
+            _len(len(p)),
+            p,
+            _route(route, method, upstream),
+            _agent(user_agent),
+            _inet(client_ip),
             _NULL if user_id is None else _once(user_id),
             _NULL if org_id is None else _once(org_id),
-            _inet(client_ip),
-            _agent(user_agent),
-            _label(upstream),
-            _BYTES(8, bytes_in, 8, bytes_out),
-            _label(error),
+            _NULL if error is None else _label(error),
         )
     )
 
@@ -257,14 +283,14 @@ _ENCODERS: tuple[Callable[[Any], bytes], ...] = (
 
 
 def encode_values(values: Sequence[Any]) -> bytes:
-    """A record of any values, in COLUMNS order (None: NULL); the id as bytes or text.
+    """A record of any values given in COLUMNS order (None: NULL); the id as bytes or text.
 
     Texts are made storable (cut to 2048 characters, NUL and lone surrogates
     replaced); a value no column can take raises one of RECORD_ERRORS.
     """
     if len(values) != len(COLUMNS):
         raise ValueError(f"{len(values)} values for {len(COLUMNS)} columns")
-    fields = [_NULL if v is None else enc(v) for enc, v in zip(_ENCODERS, values, strict=True)]
+    fields = [_NULL if (v := values[i]) is None else _ENCODERS[i](v) for i in _TO_RECORD]
     return b"".join([b"\x00\x10", *fields])
 
 
@@ -411,7 +437,11 @@ class AuditWriter:
             # bytes for a file name (its stubs leave out the buffer its docs allow).
             source = memoryview(data)
         await conn.copy_to_table(
-            table, source=source, columns=COLUMNS, format="binary", timeout=self.write_timeout
+            table,
+            source=source,
+            columns=RECORD_COLUMNS,
+            format="binary",
+            timeout=self.write_timeout,
         )
 
     def _bad(self, n: int) -> None:
