@@ -66,7 +66,9 @@ class App:
         self.worker_id = 0
         self.ready: dict[str, tuple[bool, str]] = {}
 
-    def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
+    def set_ready(
+        self, component: str, ready: bool, detail: str = "", *, critical: bool = True
+    ) -> None:
         self.ready[component] = (ready, detail)
 
 
