@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install dev demo test lint test-tools bench bench-quick fuzz soak clean
+.PHONY: install dev demo test lint test-tools bench-tools bench bench-quick fuzz soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +46,24 @@ dev: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m aiogateway.demo.devstack --config config.toml --demo
 
-bench: $(STAMP)
+# The bench's baselines and tools: FastAPI+uvicorn+httpx and py-spy (the bench extra),
+# and, best effort, Debian's wrk, nginx and HAProxy (without them: built-in load client
+# and upstream, proxy rows skipped, said so in the table) and valgrind (bench/instructions.py).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-tools: $(BENCH_STAMP)
+	@missing=""; for t in wrk nginx haproxy valgrind; do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq $$missing >/dev/null) \
+	  || echo "not installed:$$missing (the bench runs without them)"; } || true; fi
+
+bench: bench-tools
 	$(BIN)/python bench/run.py
 
-bench-quick: $(STAMP)
+bench-quick: bench-tools
 	$(BIN)/python bench/run.py --quick
 
 # Fuzz normalize_path, Router.match and the header rewriting (fuzz/targets.py) for
