@@ -43,7 +43,9 @@ class BenchApp:
         self.state_dir = state_dir
         self.worker_id = 0
 
-    def set_ready(self, component: str, ready: bool, detail: str = "") -> None:
+    def set_ready(
+        self, component: str, ready: bool, detail: str = "", *, critical: bool = True
+    ) -> None:
         pass
 
 

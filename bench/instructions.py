@@ -11,6 +11,7 @@ kernel's share (syscalls) is not in these figures.
 
     python bench/instructions.py                       # empty chain and full chain
     python bench/instructions.py --variants all        # and each plugin alone
+    python bench/instructions.py --variants all --write  # table -> bench/RESULTS.md
 
 Slow (valgrind runs the gateway ~50x slower): ~1 min per variant.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import re
 import shutil
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fullchain
 from loadgen import run_count
 from procs import ProcSet, free_port, wait_http
+from report import commit, write_instructions
 from servers import REPO, start_upstream
 
 __all__ = ["main"]
@@ -134,6 +137,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--conns", type=int, default=16)
     p.add_argument("--tail", type=float, default=3.0, help="seconds for background work")
+    p.add_argument("--write", action="store_true", help="put the table in bench/RESULTS.md")
     args = p.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -149,10 +153,23 @@ def main() -> int:
             results[name] = per_req
             print(f"[instructions] {name:<12} {per_req / 1000:9.1f} k/request ({dump})")
     base = results.get("empty chain")
-    print("\n| variant | k instructions/request | vs empty chain |\n| --- | ---: | ---: |")
+    table = [
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit()}, "
+        f"{args.n} requests per variant (c{args.conns}) after {args.warmup} warm-up, "
+        f"user-space instructions of the gateway process (callgrind), background work "
+        f"included ({args.tail:g} s tail), command: `python bench/instructions.py "
+        f"{' '.join(sys.argv[1:])}`",
+        "",
+        "| variant | k instructions/request | vs empty chain | x empty chain |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, v in results.items():
         rel = f"+{(v - base) / 1000:.1f} k" if base and name != "empty chain" else "-"
-        print(f"| {name} | {v / 1000:.1f} | {rel} |")
+        x = f"{v / base:.2f}" if base else "-"
+        table.append(f"| {name} | {v / 1000:.1f} | {rel} | {x} |")
+    print("\n" + "\n".join(table))
+    if args.write:
+        write_instructions("\n".join(table))
     return 0
 
 

@@ -195,6 +195,7 @@ def wait_http(url: str, proc: Proc, timeout: float = 30.0, headers: Mapping[str,
 
 _SPIN = """
 import os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 while True:
     pass
@@ -214,14 +215,7 @@ def keep_awake(cpus: set[int] | None) -> Iterator[None]:
     if not cpus:
         yield
         return
-    pinned = set(cpus)
-    spinners = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SPIN],
-            preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}),  # noqa: PLW1509
-        )
-        for c in sorted(pinned)
-    ]
+    spinners = [subprocess.Popen([sys.executable, "-c", _SPIN, str(c)]) for c in sorted(cpus)]
     try:
         time.sleep(0.2)
         yield

@@ -19,6 +19,7 @@ __all__ = [
     "ratio",
     "targets",
     "write_full",
+    "write_instructions",
     "write_plugins",
     "write_quick",
 ]
@@ -29,6 +30,8 @@ BEGIN, END = "<!-- full-table:begin -->", "<!-- full-table:end -->"
 PLUGINS_BEGIN, PLUGINS_END = "<!-- plugins-table:begin -->", "<!-- plugins-table:end -->"
 PLUGINS_TITLE = "## Plugins on versus off (make bench, bench/run.py --plugins)"
 GUARD_TITLE = "## Regression guard (make bench-quick)"
+INSTR_BEGIN, INSTR_END = "<!-- instructions-table:begin -->", "<!-- instructions-table:end -->"
+INSTR_TITLE = "## Instructions per request (bench/instructions.py --write)"
 QUICK_HEAD = (
     "| date (UTC) | commit | load | gateway req/s | naive req/s | x naive req/s "
     "| gateway CPU µs/req | naive CPU µs/req | x naive CPU | added p50 µs |\n"
@@ -245,6 +248,10 @@ def write_full(section: str) -> None:
 
 def write_plugins(section: str) -> None:
     _write_between(PLUGINS_BEGIN, PLUGINS_END, PLUGINS_TITLE, section)
+
+
+def write_instructions(section: str) -> None:
+    _write_between(INSTR_BEGIN, INSTR_END, INSTR_TITLE, section)
 
 
 def write_quick(line: str) -> None:
