@@ -50,6 +50,11 @@ def _no_outcome(outcome: str, count: int) -> None:
     return None
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class DeliveryQueue:
     """Bounded memory queue + on-disk spool + batching worker in front of ``deliver``."""
 
@@ -95,7 +100,8 @@ class DeliveryQueue:
         self._head: list[bytes] = []  # the batch being delivered / retried
         self._head_token: SpoolToken | None = None
         self._spooling = False  # once set, puts go to the spool until it drains
-        self._wake = asyncio.Event()
+        # Set while the worker sleeps: a full batch or close() wakes it early.
+        self._waiter: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
@@ -159,7 +165,8 @@ class DeliveryQueue:
         if self._closed:
             return
         self._closing = True
-        self._wake.set()
+        if self._waiter is not None:
+            _wake(self._waiter)
         worker = self._worker
         if worker is not None and not worker.done():
             try:
@@ -207,8 +214,8 @@ class DeliveryQueue:
                 # allocation, and keeping thousands of those alive until the worker runs
                 # costs ~5x more per record (fresh pages each time) than this copy does.
                 mem.append(bytes(memoryview(record)))
-                if len(mem) == 1 or len(mem) >= self._batch_size:
-                    self._wake.set()
+                if len(mem) >= self._batch_size and self._waiter is not None:
+                    _wake(self._waiter)
                 return
             self._spooling = True
         try:
@@ -271,14 +278,20 @@ class DeliveryQueue:
         return False
 
     async def _idle(self) -> None:
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._flush_interval)
-        # Let a batch fill for up to flush_interval once the first record arrived.
-        if 0 < len(self._mem) < self._batch_size and not self._closing:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+        """Sleep for ``flush_interval``, or until a batch is full or close() is called.
+
+        Records that arrive meanwhile wait for the end of the sleep (at most
+        flush_interval), so the worker wakes once per batch, not per record.
+        A plain future and timer: ``asyncio.wait_for`` costs a task per wait.
+        """
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._flush_interval, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def _attempt(self) -> bool:
         batch = self._head
