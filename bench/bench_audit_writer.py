@@ -129,7 +129,9 @@ async def run(url: str, n: int, batch: int, rounds: int) -> None:
     records = _records(n)
     batches = [records[i : i + batch] for i in range(0, n, batch)]
     writer = AuditWriter(parallel=4)
-    pool = await asyncpg.create_pool(url, min_size=4, max_size=4, init=writer.init_connection)
+    pool = await asyncpg.create_pool(
+        url, min_size=4, max_size=4, init=writer.init_connection, reset=writer.reset_connection
+    )
     writer.pool = pool
     sql = (
         f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES "

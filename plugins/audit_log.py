@@ -121,7 +121,7 @@ class AuditLog(Plugin[AuditLogConfig]):
     def __init__(self, name: str, config: AuditLogConfig) -> None:
         super().__init__(name, config)
         self.queue: DeliveryQueue | None = None
-        self.writer = AuditWriter(config.write_timeout, config.connect_timeout, config.pool_size)
+        self.writer = AuditWriter(config.write_timeout, config.pool_size)
         self._app: GatewayApp | None = None
         self._connector: asyncio.Task[None] | None = None
         self._ready = False
