@@ -43,6 +43,8 @@ _COALESCE = 16 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
 # Headers whose absence the head makes up for (bit flags).
 _DEFAULTED = {b"content-type": 1, b"date": 2, b"server": 4}
+# Connection values that name no other header (what upstreams nearly always send).
+_PLAIN = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 def can_send_complete(method: str, status: int) -> bool:
@@ -104,13 +106,13 @@ def raw_response_head(
     for name, value in raw_headers:
         lname = name.lower()
         if lname in RESPONSE_DROP:
-            if lname == b"connection" and connection_listed(value):
+            if lname == b"connection" and value not in _PLAIN and connection_listed(value):
                 return None
             continue
         seen |= defaulted.get(lname, 0)
-        if not value.isascii():
-            value = value.decode("latin-1").encode()  # as the multidict path sends it
-        parts += (name, b": ", value, b"\r\n")
+        # obs-text: sent as the multidict path sends it (UTF-8 of its Latin-1 reading).
+        sent = value if value.isascii() else value.decode("latin-1").encode()
+        parts += (name, b": ", sent, b"\r\n")
     parts += (b"X-Request-ID: ", request_id.encode(), b"\r\nContent-Length: %d\r\n" % length)
     if length and not seen & 1:
         parts.append(b"Content-Type: application/octet-stream\r\n")
@@ -146,15 +148,14 @@ async def send_complete(
         keep_alive = request.keep_alive
     status, reason, length = response.status, response.reason, len(body)
     head = None
-    headers = response.headers
     if exchange is not None:
         raw = exchange.raw_response_headers
         if raw is not None and not exchange.response_headers_built:
             head = raw_response_head(
                 request, status, reason, raw, exchange.request_id, length, keep_alive
             )
-        headers = exchange.response_headers
     if head is None:
+        headers = exchange.response_headers if exchange is not None else response.headers
         head = response_head(request, status, reason, headers, length, keep_alive)
     transport = request.transport
     if transport is None or transport.is_closing():

@@ -133,13 +133,16 @@ def test_pools_reused_across_reload_when_unchanged(tmp_path: Path) -> None:
 
 
 def test_plugin_endpoints_with_chain(tmp_path: Path) -> None:
-    text = BASE + f"""
+    text = (
+        BASE
+        + f"""
 [plugins.metrics]
 type = "{HEADER}"
 header = "X-M"
 endpoint = "/metrics"
 endpoint_chain = ["tag"]
 """
+    )
     table = load(tmp_path, text)
     endpoint, chain = table.endpoints["/metrics"]
     assert endpoint.path == "/metrics"
