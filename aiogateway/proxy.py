@@ -378,12 +378,14 @@ class ProxyHandler:
     async def _relay(self, exchange: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
         """Stream the upstream's response to the client with backpressure."""
         exchange.upstream_headers_at = time.perf_counter()
-        try:
-            first = await _first_chunk(upstream)
-        except UpstreamError as exc:
-            # Nothing went to the client yet: a clean 502/504 is still possible.
-            upstream.close()
-            return await self._upstream_failed(exchange, upstream_name(exchange), exc)
+        first = upstream.whole_body()
+        if first is None:
+            try:
+                first = await _first_chunk(upstream)
+            except UpstreamError as exc:
+                # Nothing went to the client yet: a clean 502/504 is still possible.
+                upstream.close()
+                return await self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
         exchange.set_upstream_headers(upstream.headers)
         response = ProxyResponse(status=upstream.status, reason=upstream.reason)

@@ -43,6 +43,26 @@ _COALESCE = 16 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
 # Headers whose absence the head makes up for (bit flags).
 _DEFAULTED = {b"content-type": 1, b"date": 2, b"server": 4}
+_DROP, _CONNECTION = -1, -2
+# Header name as the upstream spelled it -> _DROP, _CONNECTION or its _DEFAULTED
+# bit (0: none): one dict lookup per header instead of lower() and two lookups.
+_NAMES: dict[bytes, int] = {}
+_MAX_NAMES = 1024  # spellings remembered (an upstream could invent endless ones)
+
+
+def _classify(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"connection":
+        kind = _CONNECTION
+    elif lname in RESPONSE_DROP:
+        kind = _DROP
+    else:
+        kind = _DEFAULTED.get(lname, 0)
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = kind
+    return kind
+
+
 # Connection values that name no other header (what upstreams nearly always send).
 _PLAIN = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
@@ -102,14 +122,16 @@ def raw_response_head(
     version = request.version
     parts = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, status, reason.encode())]
     seen = 0
-    defaulted = _DEFAULTED
+    names = _NAMES
     for name, value in raw_headers:
-        lname = name.lower()
-        if lname in RESPONSE_DROP:
-            if lname == b"connection" and value not in _PLAIN and connection_listed(value):
+        kind = names.get(name)
+        if kind is None:
+            kind = _classify(name)
+        if kind < 0:
+            if kind == _CONNECTION and value not in _PLAIN and connection_listed(value):
                 return None
             continue
-        seen |= defaulted.get(lname, 0)
+        seen |= kind
         # obs-text: sent as the multidict path sends it (UTF-8 of its Latin-1 reading).
         sent = value if value.isascii() else value.decode("latin-1").encode()
         parts += (name, b": ", sent, b"\r\n")

@@ -123,6 +123,16 @@ class UpstreamResponse:
         """Body bytes received but not yet returned by read()."""
         return self._size
 
+    def whole_body(self) -> bytes | memoryview | None:
+        """The entire Content-Length body if it all came in one buffer and none of
+        it was read yet (the common small response: no await needed); else None."""
+        chunks = self._chunks
+        if self._done and len(chunks) == 1 and self._size == self.content_length:
+            self._chunks = []
+            self._size = 0
+            return chunks[0]
+        return None
+
     async def read(self) -> bytes | memoryview:
         """Next body bytes (de-chunked, never decompressed); b"" at the end.
 
