@@ -420,7 +420,8 @@ class ProxyHandler:
                 request.writer.send_headers()
                 chunk = await upstream.read()
             elif len(first) == upstream.content_length:
-                # The whole body is here: head, body and end in one write.
+                # All here, but a response that must carry no body (HEAD, 204,
+                # 304): aiohttp's framing rules apply; head and end in one write.
                 exchange.bytes_out = len(first)
                 # Typed bytes, but takes any buffer (it asserts bytes, bytearray or
                 # memoryview): a Content-Length body comes as a memoryview, uncopied.

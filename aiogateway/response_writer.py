@@ -155,12 +155,13 @@ async def send_complete(
     request: web.BaseRequest,
     response: web.StreamResponse,
     body: bytes | memoryview,
-    exchange: Exchange | None = None,
+    exchange: Exchange,
 ) -> None:
-    """Write ``response``'s head and ``body`` to the client and mark it sent.
+    """Write ``response``'s status, ``exchange``'s headers and ``body`` to the
+    client and mark the response sent.
 
-    With ``exchange`` whose response headers nobody read, the head comes from
-    the upstream's raw headers; otherwise from ``response.headers``.
+    The head comes from the upstream's raw headers unless a hook read (and so
+    may have edited) ``exchange.response_headers``.
     Raises ``ConnectionResetError`` when the client has gone (as aiohttp's
     writer would); waits for the transport to drain past its high-water mark,
     so a client that does not read holds back its own connection only.
@@ -170,15 +171,13 @@ async def send_complete(
         keep_alive = request.keep_alive
     status, reason, length = response.status, response.reason, len(body)
     head = None
-    if exchange is not None:
-        raw = exchange.raw_response_headers
-        if raw is not None and not exchange.response_headers_built:
-            head = raw_response_head(
-                request, status, reason, raw, exchange.request_id, length, keep_alive
-            )
+    raw = exchange.raw_response_headers
+    if raw is not None and not exchange.response_headers_built:
+        head = raw_response_head(
+            request, status, reason, raw, exchange.request_id, length, keep_alive
+        )
     if head is None:
-        headers = exchange.response_headers if exchange is not None else response.headers
-        head = response_head(request, status, reason, headers, length, keep_alive)
+        head = response_head(request, status, reason, exchange.response_headers, length, keep_alive)
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client connection closed")
