@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .routes import Route
+    from .upstream_streams import UpstreamResponse
 
 __all__ = ["Exchange"]
 
@@ -52,8 +53,8 @@ class Exchange:
     """
 
     __slots__ = (
-        "_raw_response_headers",
         "_response_headers",
+        "_upstream_response",
         "bytes_in",
         "bytes_out",
         "claims",
@@ -107,7 +108,7 @@ class Exchange:
         self.principal: str | None = None
         self.extra_upstream_headers: list[tuple[str, str]] = []
         self._response_headers: CIMultiDict[str] | None = None
-        self._raw_response_headers: Sequence[tuple[bytes, bytes]] | None = None
+        self._upstream_response: UpstreamResponse | None = None
         self.status = 0
         self.upstream_status: int | None = None
         self.bytes_in = 0
@@ -124,8 +125,12 @@ class Exchange:
         """The headers going to the client (built on first use from the upstream's)."""
         headers = self._response_headers
         if headers is None:
-            raw = self._raw_response_headers
-            headers = CIMultiDict() if raw is None else response_headers(raw, self.request_id)
+            upstream = self._upstream_response
+            headers = (
+                CIMultiDict()
+                if upstream is None
+                else response_headers(upstream.headers, self.request_id)
+            )
             self._response_headers = headers
         return headers
 
@@ -133,17 +138,24 @@ class Exchange:
     def response_headers(self, headers: CIMultiDict[str]) -> None:
         self._response_headers = headers
 
-    def set_upstream_headers(self, raw: Sequence[tuple[bytes, bytes]]) -> None:
-        """The upstream's response headers; ``response_headers`` is derived from them
-        only when something reads it (the common response is written from the raw
-        headers directly: aiogateway/response_writer.py)."""
-        self._raw_response_headers = raw
+    def set_upstream_response(self, upstream: UpstreamResponse) -> None:
+        """The upstream's response head arrived; ``response_headers`` is derived from
+        it only when something reads it (the common response is written from the
+        head's bytes directly: aiogateway/response_writer.py)."""
+        self._upstream_response = upstream
         self._response_headers = None
 
     @property
     def raw_response_headers(self) -> Sequence[tuple[bytes, bytes]] | None:
         """The upstream's response headers as received, None before they came."""
-        return self._raw_response_headers
+        upstream = self._upstream_response
+        return None if upstream is None else upstream.headers
+
+    @property
+    def upstream_head(self) -> bytes | None:
+        """The upstream's response head (status line to blank line) as received."""
+        upstream = self._upstream_response
+        return None if upstream is None else upstream.head
 
     @property
     def response_headers_built(self) -> bool:

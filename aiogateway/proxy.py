@@ -387,7 +387,7 @@ class ProxyHandler:
                 upstream.close()
                 return await self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
-        exchange.set_upstream_headers(upstream.headers)
+        exchange.set_upstream_response(upstream)
         response = ProxyResponse(status=upstream.status, reason=upstream.reason)
         route = exchange.route
         assert route is not None

@@ -6,6 +6,9 @@ kept to a handful of Python calls: no per-request timers, no per-chunk tasks,
 only the callbacks httptools needs. httptools sees only response heads and
 chunked or read-until-close bodies: a Content-Length body is counted here and
 queued as the received buffers themselves (its on_body would copy each byte).
+httptools validates each head (no per-header callback); the head's bytes are
+kept whole, so framing comes from two regex searches and the client's head is
+written from those bytes (:mod:`aiogateway.response_writer`).
 :mod:`aiogateway.upstream` owns the pool; :mod:`aiogateway.upstream_streams`
 the body streams and the errors.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import re
 import socket
 from collections.abc import AsyncIterable
 from typing import Protocol, cast
@@ -41,7 +45,13 @@ MAX_HEAD_BYTES = 64 * 1024
 # For upstreams that send "HTTP/1.1 200" with no reason phrase.
 _PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 
-__all__ = ["Connection", "Owner"]
+# Framing headers in the lower-cased bytes of a head llhttp has accepted: CRLF
+# line ends only (so CRLF starts a header name), no space before the colon, at
+# most one Content-Length (digits), not both it and Transfer-Encoding.
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:[ \t]*([^\r]*)")
+
+__all__ = ["Connection", "Owner", "framing"]
 
 
 class Owner(Protocol):
@@ -51,14 +61,28 @@ class Owner(Protocol):
     def _conn_closed(self, conn: Connection, was_idle: bool) -> None: ...
 
 
+def framing(head: bytes) -> tuple[int | None, bool]:
+    """Content-Length (None if absent) and whether the body is chunked, from a
+    response head llhttp accepted."""
+    low = head.lower()
+    at = low.find(_CONTENT_LENGTH)
+    if at >= 0:
+        at += len(_CONTENT_LENGTH)
+        return int(head[at : head.find(b"\r", at)]), False  # int() ignores the OWS
+    encodings = _TRANSFER_ENCODING.findall(low)
+    # The last coding decides (RFC 9112 §6.3): chunked framing or read-until-close.
+    return None, bool(encodings) and encodings[-1].rstrip().endswith(b"chunked")
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_consumed",
         "_drain_fut",
         "_got_bytes",
+        "_head",
         "_head_fut",
+        "_head_parts",
         "_head_size",
-        "_headers",
         "_idle_since",
         "_interim",
         "_is_head",
@@ -69,7 +93,6 @@ class Connection(asyncio.Protocol):
         "_parser",
         "_read_timeout",
         "_reading_paused",
-        "_reason",
         "_remaining",
         "_resp",
         "_reusable",
@@ -105,8 +128,8 @@ class Connection(asyncio.Protocol):
         self._idle_since = 0.0
         self._head_fut: asyncio.Future[UpstreamResponse] | None = None
         self._resp: UpstreamResponse | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
+        self._head = b""  # the head being parsed, whole (set before httptools sees its end)
+        self._head_parts: list[bytes] = []  # a head's earlier reads, when it spans several
         self._interim = False
         self._is_head = False
         self._reusable = True
@@ -147,6 +170,7 @@ class Connection(asyncio.Protocol):
         self._got_bytes = False
         self._head_size = 0
         self._tail = b""
+        self._head_parts.clear()
         self._consumed = False
         loop = self._loop
         self._last = now = loop.time()
@@ -218,15 +242,25 @@ class Connection(asyncio.Protocol):
             if end < 0:
                 end = data.find(b"\r\n\r\n", start)
                 if end < 0:  # the head goes on in the next read
-                    if not self._feed(data if start == 0 else memoryview(data)[start:]):
+                    piece = data if start == 0 else data[start:]
+                    if not self._feed(piece):
                         return
                     if self._head_fut is None:
                         return  # (cannot happen with CRLF-strict llhttp) the parser has it
+                    self._head_parts.append(piece)
                     self._tail = (tail + data[start:])[-3:] if n - start < 3 else data[-3:]
                     self._count_head(n - start)
                     return
                 end += 4
-            if not self._feed(data if start == 0 and end == n else memoryview(data)[start:end]):
+            piece = data if start == 0 and end == n else data[start:end]
+            parts = self._head_parts
+            if parts:
+                parts.append(piece)
+                self._head = b"".join(parts)
+                parts.clear()
+            else:
+                self._head = piece
+            if not self._feed(piece):
                 return
             if self._head_fut is None:
                 break  # the final head: its body (if any) follows
@@ -312,21 +346,11 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        # httptools hands the reason over in pieces as it arrives (unlike
-        # headers, which it accumulates): concatenate.
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        headers = self._headers
-        self._headers = []
-        reason = self._reason
-        self._reason = b""
+        head = self._head
+        self._head = b""
         fut = self._head_fut
         if fut is None:  # a second response nobody asked for
             self._reusable = False
@@ -334,18 +358,13 @@ class Connection(asyncio.Protocol):
         if status < 200 and status != 101:
             self._interim = True  # 100/102/103: skip, wait for the final head
             return
-        length: int | None = None
-        chunked = False
-        for name, value in headers:
-            n = len(name)  # cheap pre-filter before lower()
-            if n == 14 and name.lower() == b"content-length":
-                length = int(value)  # llhttp has validated the digits
-            elif n == 17 and name.lower() == b"transfer-encoding":
-                chunked = value.rstrip().lower().endswith(b"chunked")
+        length, chunked = framing(head)
+        # "HTTP/1.1 200 OK": the reason is what follows the second space (may be absent).
+        reason = head[: head.find(b"\r\n")].split(b" ", 2)[2:]
         resp = UpstreamResponse(
             status,
-            reason.decode("latin-1") if reason else _PHRASES.get(status, ""),
-            headers,
+            reason[0].decode("latin-1") if reason and reason[0] else _PHRASES.get(status, ""),
+            head,
             length,
             chunked,
             parser.should_keep_alive(),

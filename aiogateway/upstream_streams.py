@@ -29,6 +29,7 @@ __all__ = [
     "UpstreamReset",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "head_fields",
     "send_body",
 ]
 
@@ -73,6 +74,17 @@ class StaleConnection(UpstreamReset):
         self.consumed = consumed  # chunks of an async-iterable body were taken
 
 
+def head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields of a response head llhttp accepted (CRLF lines, no
+    obs-fold, no space before a colon), as llhttp reports them: the value's
+    leading whitespace dropped, its trailing whitespace kept."""
+    fields = []
+    for line in head.split(b"\r\n")[1:-2]:
+        name, _, value = line.partition(b":")
+        fields.append((name, value.lstrip(b" \t")))
+    return fields
+
+
 class UpstreamResponse:
     """An upstream response whose head is parsed; the body streams via read()."""
 
@@ -81,13 +93,14 @@ class UpstreamResponse:
         "_conn",
         "_done",
         "_exc",
+        "_headers",
         "_released",
         "_size",
         "_until_close",
         "_waiter",
         "chunked",
         "content_length",
-        "headers",
+        "head",
         "keep_alive",
         "reason",
         "status",
@@ -97,7 +110,7 @@ class UpstreamResponse:
         self,
         status: int,
         reason: str,
-        headers: list[tuple[bytes, bytes]],
+        head: bytes,
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
@@ -105,7 +118,8 @@ class UpstreamResponse:
     ) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.head = head  # status line, header lines and the blank line, as received
+        self._headers: list[tuple[bytes, bytes]] | None = None
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
@@ -117,6 +131,14 @@ class UpstreamResponse:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """(name, value) pairs as received, made from ``head`` on first use."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = head_fields(self.head)
+        return headers
 
     @property
     def buffered(self) -> int:

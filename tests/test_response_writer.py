@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from aiogateway import response_writer
 from tests.support.gateway import StartGateway
@@ -143,10 +145,10 @@ chain = []
     up.split = False
     fast = await _exchange(gw.port, CLIENTS[client])
     assert used == [True], "the whole body was there: the one-write path answers"
-    # Untouched headers go from the upstream's raw bytes, except when Connection
-    # names headers to drop (the multidict path does that).
+    # Untouched headers go from the upstream head's bytes, except when Connection
+    # names headers to drop or a value holds obs-text (the multidict path does those).
     assert len(raw_heads) == 1
-    assert (raw_heads[0] is None) == (upstream_head == "connection-listed")
+    assert (raw_heads[0] is None) == (upstream_head in ("connection-listed", "obs-text"))
     up.split = True
     slow = await _exchange(gw.port, CLIENTS[client])
     assert used == [True], "a split body goes through aiohttp's path"
@@ -174,3 +176,128 @@ def test_header_with_newline_is_refused() -> None:
             response_writer.response_head(
                 request, 200, "OK", CIMultiDict({"X-Plugin": bad}), 1, True
             )
+
+
+# -- the head made from the upstream head's bytes, against the multidict path ----
+
+_NAMES = [
+    b"Server",
+    b"date",
+    b"Content-Type",
+    b"CONTENT-LENGTH",
+    b"Connection",
+    b"keep-alive",
+    b"TE",
+    b"Tea",
+    b"Trailer",
+    b"Upgrade",
+    b"Proxy-Authenticate",
+    b"X-Request-ID",
+    b"X-Request-Id-Extra",
+    b"Set-Cookie",
+    b"ETag",
+    b"X-Content-Length",
+]
+_VALUES = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12).map(
+    str.encode
+)
+
+
+def _llhttp_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The fields llhttp reports for ``head``, or None if it rejects the head."""
+    import httptools
+
+    class Sink:
+        def __init__(self) -> None:
+            self.fields: list[tuple[bytes, bytes]] = []
+            self.done = False
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.fields.append((name, value))
+
+        def on_headers_complete(self) -> None:
+            self.done = True
+
+    sink = Sink()
+    try:
+        httptools.HttpResponseParser(sink).feed_data(head)
+    except httptools.HttpParserError:
+        return None
+    return sink.fields if sink.done else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(
+        st.tuples(st.sampled_from(_NAMES), st.sampled_from([b":", b": ", b":  "]), _VALUES),
+        max_size=8,
+    ),
+    minor=st.sampled_from([0, 1]),
+    keep_alive=st.booleans(),
+    length=st.sampled_from([0, 7]),
+)
+def test_raw_head_keeps_what_the_multidict_path_keeps(
+    fields: list[tuple[bytes, bytes, bytes]], minor: int, keep_alive: bool, length: int
+) -> None:
+    """Any head llhttp accepts: the same headers, in the same order, as
+    response_head(response_headers(...)) sends, values equal up to the
+    whitespace around them (the raw path keeps the upstream's spacing)."""
+    from aiohttp import HttpVersion10, HttpVersion11
+    from aiohttp.test_utils import make_mocked_request
+
+    from aiogateway.headers import response_headers
+    from aiogateway.upstream_streams import head_fields
+
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(n + sep + v + b"\r\n" for n, sep, v in fields)
+    head += b"\r\n"
+    llhttp_fields = _llhttp_fields(head)
+    assume(llhttp_fields is not None)
+    assert head_fields(head) == llhttp_fields, "the fields as llhttp's on_header gave them"
+    version = HttpVersion11 if minor else HttpVersion10
+    request = make_mocked_request("GET", "/", version=version)
+    fast = response_writer.raw_response_head(request, 200, "OK", head, "rid", length, keep_alive)
+    reference = response_writer.response_head(
+        request, 200, "OK", response_headers(head_fields(head), "rid"), length, keep_alive
+    )
+    listed = any(
+        n.lower() == b"connection" and v.strip().lower() not in (b"", b"keep-alive", b"close")
+        for n, _, v in fields
+    )
+    if fast is None:
+        assert listed, "only a Connection header naming other headers needs the multidict"
+        return
+
+    def parsed(raw: bytes) -> list[tuple[bytes, bytes]]:
+        lines = raw.split(b"\r\n")
+        assert lines[-2:] == [b"", b""]
+        pairs = [line.partition(b":") for line in lines[1:-2]]
+        return [(n.lower(), b"" if n.lower() == b"date" else v.strip()) for n, _, v in pairs]
+
+    assert fast.split(b"\r\n", 1)[0] == reference.split(b"\r\n", 1)[0]
+    assert parsed(fast) == parsed(reference)
+
+
+def test_head_fields_and_framing_from_the_head_bytes() -> None:
+    """Framing headers are found whatever their case, and only as whole header names."""
+    from aiogateway.upstream_protocol import framing
+    from aiogateway.upstream_streams import head_fields
+
+    head = (
+        b"HTTP/1.1 200 OK\r\nX-Content-Length: 9\r\nX-Note: content-length: 8\r\n"
+        b"content-LENGTH:  12\r\nX-Trail: a \t\r\nX-Empty:\r\n\r\n"
+    )
+    assert framing(head) == (12, False)
+    assert head_fields(head) == [
+        (b"X-Content-Length", b"9"),
+        (b"X-Note", b"content-length: 8"),
+        (b"content-LENGTH", b"12"),
+        (b"X-Trail", b"a \t"),  # llhttp keeps trailing whitespace, drops leading
+        (b"X-Empty", b""),
+    ]
+    te = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\ntransfer-encoding:CHUNKED \r\n\r\n"
+    assert framing(te) == (None, True)  # the last coding decides
+    assert framing(te.replace(b"CHUNKED", b"gzip, chunked")) == (None, True)
+    assert framing(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n"
+    ) == (None, False)
+    assert framing(b"HTTP/1.1 200 OK\r\nX-Transfer-Encoding: chunked\r\n\r\n") == (None, False)
