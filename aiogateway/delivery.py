@@ -100,6 +100,9 @@ class DeliveryQueue:
         self._head: list[bytes] = []  # the batch being delivered / retried
         self._head_token: SpoolToken | None = None
         self._spooling = False  # once set, puts go to the spool until it drains
+        # put() appends without further checks while the memory queue is shorter
+        # than this: open, not spooling, room left, and no batch filled by it.
+        self._fast_limit = min(max_queue, batch_size - 1)
         # Set while the worker sleeps: a full batch or close() wakes it early.
         self._waiter: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -156,7 +159,7 @@ class DeliveryQueue:
             log.info("%s: replaying %d spooled records", self.name, adopted)
             # They are older than anything this queue holds in memory (put before
             # start, or during a reload's overlap): those go behind them.
-            self._spooling = True
+            self._set_spooling(True)
             while self._mem:
                 self.put(self._mem.popleft())
 
@@ -176,6 +179,7 @@ class DeliveryQueue:
                 with contextlib.suppress(asyncio.CancelledError):
                     await worker
         self._closed = True
+        self._fast_limit = 0
         self._flush_counters()
         # Memory is older than the spool (see put), so it goes ahead of it; a spool
         # batch in _head moves to that new first segment and is acked in its own.
@@ -210,17 +214,20 @@ class DeliveryQueue:
         a larger allocation; thousands of those kept alive cost ~5x more per
         record (fresh pages each time) than a ``bytes(memoryview(r))`` copy.
         """
+        mem = self._mem
+        if len(mem) < self._fast_limit:  # the common case: one check (see _fast_limit)
+            mem.append(record)
+            return
         if self._closed:
             self._put_after_close(record)
             return
         if not self._spooling:
-            mem = self._mem
             if len(mem) < self._max_queue:
                 mem.append(record)
                 if len(mem) >= self._batch_size and self._waiter is not None:
                     _wake(self._waiter)
                 return
-            self._spooling = True
+            self._set_spooling(True)
         try:
             stored = self._spool.append(record)
         except OSError:
@@ -230,6 +237,12 @@ class DeliveryQueue:
             self._n_spooled += 1
         else:
             self._n_dropped += 1
+
+    def _set_spooling(self, spooling: bool) -> None:
+        self._spooling = spooling
+        self._fast_limit = (
+            0 if spooling or self._closed else min(self._max_queue, self._batch_size - 1)
+        )
 
     def _put_after_close(self, record: bytes) -> None:
         # Rare (a hook finishing after shutdown): a one-off segment the next start adopts.
@@ -277,7 +290,7 @@ class DeliveryQueue:
             if self._head:
                 return True
         if self._spooling and not self._spool and not self._mem:
-            self._spooling = False  # drained: new records may use memory again
+            self._set_spooling(False)  # drained: new records may use memory again
         return False
 
     async def _idle(self) -> None:

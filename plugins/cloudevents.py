@@ -28,6 +28,7 @@ __all__ = [
     "build_event",
     "check_attribute_name",
     "check_topic_name",
+    "duration_ms",
     "fields",
     "first_param",
     "pack",
@@ -145,6 +146,7 @@ class _Uuid4:
 
 
 uuid4 = _Uuid4()
+_ids = uuid4._ids  # the pool itself: EventEncoder pops from it without a call
 # A forked child must never reuse its parent's pooled ids (duplicate ids).
 os.register_at_fork(after_in_child=uuid4.reset)
 
@@ -207,7 +209,40 @@ def build_event(exchange: Exchange, spec: EventSpec, source: str) -> Envelope:
 
 
 _MS = [b".%03dZ" % ms for ms in range(1000)]
+# 0..999 as decimal text (statuses; whole milliseconds of most durations).
+_DECIMAL = [b"%d" % n for n in range(1000)]
+# Thousandths as orjson writes a float's fraction: ".5", ".25", ".125", ".0".
+_FRACTION = [(b".%03d" % n).rstrip(b"0") if n else b".0" for n in range(1000)]
 _dumps = orjson.dumps
+# orjson text of strings that repeat (methods, client addresses): one dict
+# lookup instead of an orjson call.
+_QUOTED: dict[str, bytes] = {}
+
+
+def _quoted(text: str) -> bytes:
+    # A miss: callers try ``_QUOTED.get(text)`` first.
+    if len(_QUOTED) >= 4096:
+        _QUOTED.clear()
+    quoted = _QUOTED[text] = _dumps(text)
+    return quoted
+
+
+def duration_ms(duration: float) -> bytes:
+    """``orjson.dumps(round(duration * 1000.0, 3))``, without float formatting.
+
+    ``round(ms, 3)`` rounds the exact binary value of ``ms`` half-even at the
+    third decimal; rounding ``ms * 1000.0`` half-even to an integer gives the
+    same thousandths unless that product came out exactly halfway (then the
+    exact value may lie on either side): those, negatives and values past
+    10**9 ms are left to orjson. Below that orjson's shortest form of the
+    rounded float is its whole part and up to three decimals (the tests check).
+    """
+    micros = duration * 1000.0 * 1000.0
+    thousandths = round(micros)
+    if 0 <= thousandths < 10**12 and thousandths - micros != 0.5 and micros - thousandths != 0.5:
+        whole, fraction = divmod(thousandths, 1000)
+        return (_DECIMAL[whole] if whole < 1000 else b"%d" % whole) + _FRACTION[fraction]
+    return _dumps(round(duration * 1000.0, 3))
 
 
 class EventEncoder:
@@ -215,11 +250,19 @@ class EventEncoder:
 
     Everything the route fixes (source, type, attributes, route name, where the
     key comes from) is serialized once, here; per event only the request's own
-    values are encoded (orjson, one call each). The value is byte for byte what
-    orjson makes of the dict :func:`build_event` builds (the tests compare them).
+    values are encoded (orjson, one call each, none for repeated methods and
+    client addresses or for numbers). The value is byte for byte what orjson
+    makes of the dict :func:`build_event` builds (the tests compare them).
     """
 
-    __slots__ = ("_after_id", "_after_route", "_after_time", "_after_user", "_key_param", "_type")
+    __slots__ = (
+        "_after_id",
+        "_after_route",
+        "_after_time",
+        "_after_user",
+        "_key_param",
+        "_type",
+    )
 
     def __init__(
         self, route_name: str, route_path: str | None, spec: EventSpec, source: str
@@ -236,8 +279,10 @@ class EventEncoder:
 
     def record(self, exchange: Exchange) -> bytes:
         """The queue record (see :func:`pack`) of one finished exchange's event."""
-        ce_id = uuid4.next_bytes()
-        duration = exchange.duration
+        ids = _ids
+        ce_id = ids.pop() if ids else uuid4.next_bytes()
+        finished = exchange.finished
+        duration = exchange.duration if finished is None else finished - exchange.started
         occurred = exchange.started_at + duration
         whole = int(occurred)
         if _second_b[0] != whole:  # events of one second share the formatting
@@ -254,6 +299,7 @@ class EventEncoder:
             value = params.get(name) if name is not None else None
             key = value if value else exchange.request_id
         key_b = key.encode()[:0xFFFF]  # as pack() cuts it
+        status = exchange.status
         ce_type = self._type
         return b"".join(
             (
@@ -271,21 +317,21 @@ class EventEncoder:
                 self._after_user,
                 _dumps(exchange.request_id),
                 self._after_route,
-                _dumps(exchange.method),
+                _QUOTED.get(exchange.method) or _quoted(exchange.method),
                 b',"path":',
                 _dumps(exchange.path),
                 b',"params":',
                 _dumps(params) if params else b"{}",
                 b',"status":',
-                b"%d" % exchange.status,
+                _DECIMAL[status] if 0 <= status < 1000 else b"%d" % status,
                 b',"duration_ms":',
-                _dumps(round(duration * 1000.0, 3)),
+                duration_ms(duration),
                 b',"user_id":',
                 user,
                 b',"org_id":',
                 b"null" if org_id is None else _dumps(org_id),
                 b',"client_ip":',
-                _dumps(exchange.client_ip),
+                _QUOTED.get(exchange.client_ip) or _quoted(exchange.client_ip),
                 b"}}",
             )
         )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -132,6 +133,11 @@ class KafkaEmitConfig(PluginConfig):
         return self
 
 
+# A route's emitter: its topic queue's put, its encoder's record, and whether
+# every status emits (on = "always").
+_Emitter = tuple[Callable[[bytes], None], Callable[["Exchange"], bytes], bool]
+
+
 class _Topic:
     """One topic's queue, and the outcome counter that maps to its label."""
 
@@ -163,9 +169,10 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
         # Filled by check_route while the config loads, before startup.
         self._route_topics: set[str] = set()
         self._topics: dict[str, _Topic] = {}
-        # Per route (this config load's Route objects): its queue, encoder and
-        # whether every status emits; made at the route's first event.
-        self._emitters: dict[Route, tuple[_Topic, EventEncoder, bool]] = {}
+        # Per route (this config load's Route objects): its queue's put, its
+        # encoder's record and whether every status emits; made at the route's
+        # first event.
+        self._emitters: dict[Route, _Emitter] = {}
         self._producer: EventProducer | None = None
         self._app: GatewayApp | None = None
         self._spool_root = Path()
@@ -293,27 +300,25 @@ class KafkaEmit(Plugin[KafkaEmitConfig]):
     # Request path ------------------------------------------------------------
 
     async def on_complete(self, exchange: Exchange) -> None:
-        route = exchange.route
-        if route is None:
-            return
-        emitter = self._emitters.get(route)
+        emitter = self._emitters.get(exchange.route)  # type: ignore[arg-type]
         if emitter is None:
-            if route.event is None:
+            route = exchange.route
+            if route is None or route.event is None:
                 return
             emitter = self._emitter(route, route.event)
-        entry, encoder, always = emitter
+        put, record, always = emitter
         if always or 200 <= exchange.status < 300:
-            entry.queue.put(encoder.record(exchange))
+            put(record(exchange))
 
-    def _emitter(self, route: Route, event: EventSpec) -> tuple[_Topic, EventEncoder, bool]:
+    def _emitter(self, route: Route, event: EventSpec) -> _Emitter:
         entry = self._topics.get(event.topic)
         if entry is None:
             entry = self._late_topic(event.topic)
         if len(self._emitters) >= 10_000:  # only this load's routes are expected here
             self._emitters.clear()
         emitter = self._emitters[route] = (
-            entry,
-            EventEncoder(route.name, route.path, event, self.config.source),
+            entry.queue.put,
+            EventEncoder(route.name, route.path, event, self.config.source).record,
             event.on == "always",
         )
         return emitter

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import uuid
 from collections import Counter, defaultdict
@@ -30,6 +31,7 @@ from plugins.cloudevents import (
     Envelope,
     EventEncoder,
     build_event,
+    duration_ms,
     fields,
     first_param,
     pack,
@@ -141,6 +143,16 @@ def topic_name() -> str:
 def test_rfc3339_ms_is_utc_with_milliseconds() -> None:
     assert rfc3339_ms(0.0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339_ms(1795980060.1239) == "2026-11-29T19:21:00.123Z"
+
+
+def test_duration_ms_is_orjson_of_the_rounded_float() -> None:
+    rng = random.Random(8)
+    durations = [0.0, 0.0005, 0.0000625, 0.0015, 1e-9, 999.9995, 1e6 - 1e-7, 1e6, 5e6, -0.001]
+    durations += [k / 16e6 for k in range(0, 20000, 7)]  # exact halves of a thousandth
+    for scale in (1e-4, 1e-2, 1.0, 1e3, 1e5):
+        durations += [rng.random() * scale for _ in range(20000)]
+    for d in durations:
+        assert duration_ms(d) == orjson.dumps(round(d * 1000.0, 3)), d
 
 
 def test_first_param_in_template_order() -> None:
