@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from .kafka_records import SMALL_VARINTS, headers_tail, record_fields, record_tail, varint
 
 if TYPE_CHECKING:
     from aiogateway.exchange import Exchange
@@ -55,10 +56,6 @@ RESERVED_ATTRIBUTES = frozenset(
 )
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,20}")
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-# Record framing: version byte, then u16 key length, u8 id length, u16 type length.
-_VERSION = 1
-_HEAD = struct.Struct(">BHBH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,15 +257,15 @@ class EventEncoder:
         "_after_route",
         "_after_time",
         "_after_user",
+        "_headers",
         "_key_param",
-        "_type",
     )
 
     def __init__(
         self, route_name: str, route_path: str | None, spec: EventSpec, source: str
     ) -> None:
         self._key_param = first_param(route_path)
-        self._type = spec.type.encode()
+        self._headers = headers_tail(spec.type.encode())
         self._after_id = b'","source":' + _dumps(source) + b',"type":' + _dumps(spec.type)
         self._after_id += b',"time":"'
         self._after_time = b'","datacontenttype":"application/json","subject":'
@@ -279,7 +276,7 @@ class EventEncoder:
 
     def record(self, exchange: Exchange) -> bytes:
         """The queue record (see :func:`pack`) of one finished exchange's event."""
-        ids = _ids
+        ids = _ids  # ids are 36 bytes: headers_tail ends with that length
         ce_id = ids.pop() if ids else uuid4.next_bytes()
         finished = exchange.finished
         duration = exchange.duration if finished is None else finished - exchange.started
@@ -300,13 +297,8 @@ class EventEncoder:
             key = value if value else exchange.request_id
         key_b = key.encode()[:0xFFFF]  # as pack() cuts it
         status = exchange.status
-        ce_type = self._type
-        return b"".join(
+        doc = b"".join(
             (
-                _HEAD.pack(_VERSION, len(key_b), len(ce_id), len(ce_type)),
-                key_b,
-                ce_id,
-                ce_type,
                 b'{"specversion":"1.0","id":"',
                 ce_id,
                 self._after_id,
@@ -335,31 +327,32 @@ class EventEncoder:
                 b"}}",
             )
         )
+        n = len(doc)
+        k = len(key_b)
+        return b"".join(
+            (
+                SMALL_VARINTS[k] if k < 4096 else varint(k),
+                key_b,
+                SMALL_VARINTS[n] if n < 4096 else varint(n),
+                doc,
+                self._headers,
+                ce_id,
+            )
+        )
 
 
 _second_b: list[Any] = [None, b""]  # the last second formatted for EventEncoder, and its text
 
 
 def pack(env: Envelope) -> bytes:
-    """One queue record: header, key, id, type, then the JSON value."""
+    """One queue record: key, value and headers as Kafka encodes them (see kafka_records)."""
     key = env.key[:0xFFFF]  # a key past 64 KiB is cut: keys only steer partitioning
-    return (
-        _HEAD.pack(_VERSION, len(key), len(env.ce_id), len(env.ce_type))
-        + key
-        + env.ce_id
-        + env.ce_type
-        + env.value
-    )
+    return record_tail(key, env.ce_id, env.ce_type, env.value)
 
 
 def fields(record: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """A queue record's (key, ce_id, ce_type, value): :func:`unpack` without the object."""
-    version, klen, ilen, tlen = _HEAD.unpack_from(record)
-    if version != _VERSION:
-        raise ValueError(f"unknown event record version {version}")
-    pos = _HEAD.size + klen
-    end = pos + ilen
-    return record[_HEAD.size : pos], record[pos:end], record[end : end + tlen], record[end + tlen :]
+    return record_fields(record)
 
 
 def unpack(record: bytes) -> Envelope:

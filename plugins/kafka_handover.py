@@ -25,9 +25,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import BrokerResponseError, KafkaError, NodeNotReadyError
 from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from .cloudevents import fields
+from .kafka_records import (
+    BATCH_OVERHEAD,
+    PreparedBatch,
+    batch_records,
+    record_fields,
+    record_key,
+    to_format2,
+)
 
 __all__ = ["MAX_EVENT_BYTES", "Handover", "Verifier", "refused", "send_once"]
 
@@ -35,15 +41,10 @@ log = logging.getLogger("aiogateway.plugins.kafka_emit")
 
 # aiokafka's default max_request_size: a larger event can never be sent.
 MAX_EVENT_BYTES = 1_048_576
-# A record this much below the limit needs no exact size (batch header, varints
-# and header names add far less than this to key, id, type and value).
+# A record this much below the limit needs no exact size (the batch header and
+# the record's own length, attributes and deltas add far less).
 _SURELY_SMALL = MAX_EVENT_BYTES - 1024
 _PARTITIONER = DefaultPartitioner()
-_estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
-
-# One event as the batch builder takes it: queue record, key, value, headers
-# (ce_type, ce_id).
-_Item = tuple[bytes, bytes, bytes, list[tuple[str, bytes]]]
 
 
 def send_once(producer: AIOKafkaProducer) -> bool:
@@ -163,7 +164,18 @@ class Verifier:
 class Handover:
     """Delivers one list of queue records; :meth:`outcome` says what became of them."""
 
-    __slots__ = ("_cache", "done", "inflight", "parts", "producer", "records", "refused", "topic")
+    __slots__ = (
+        "_cache",
+        "compression",
+        "done",
+        "inflight",
+        "max_bytes",
+        "parts",
+        "producer",
+        "records",
+        "refused",
+        "topic",
+    )
 
     def __init__(
         self,
@@ -171,12 +183,17 @@ class Handover:
         topic: str,
         records: list[bytes],
         cache: dict[int, dict[bytes, int]],
+        *,
+        max_bytes: int,
+        compression: str | None,
     ) -> None:
         self.producer = producer
         self.topic = topic
         self.records = records
         self._cache = cache
-        self.parts: dict[int, list[_Item]] | None = None  # None: not split yet
+        self.max_bytes = max_bytes  # producer batch size
+        self.compression = compression
+        self.parts: dict[int, list[bytes]] | None = None  # None: not split yet
         self.done: dict[int, int] = {}  # per partition: records settled (delivered or refused)
         self.inflight: dict[int, tuple[int, asyncio.Future[Any]]] = {}  # count, future
         self.refused = 0
@@ -187,22 +204,22 @@ class Handover:
         except KafkaError as exc:  # no metadata: nothing handed over, all retried
             log.debug("kafka-emit: %s: no metadata: %s", self.topic, exc)
             return
-        parts: dict[int, list[_Item]] = {}
+        parts: dict[int, list[bytes]] = {}
         single = partitions[0] if len(partitions) == 1 else None
-        for record in self.records:
-            key, ce_id, ce_type, value = fields(record)
-            headers = [("ce_type", ce_type), ("ce_id", ce_id)]
+        for queued in self.records:
+            # Format 1 was spooled by an earlier version.
+            record = to_format2(queued) if queued[0] & 1 else queued
             if len(record) > _SURELY_SMALL:
-                size = _estimate(key, value, headers)
+                size = BATCH_OVERHEAD + 16 + len(record)  # record length, attributes, deltas
                 if size > MAX_EVENT_BYTES:
                     self.refused += 1
                     log.error("kafka-emit: %s: dropping a %d-byte event", self.topic, size)
                     continue
-            part = single if single is not None else self._partition(key, partitions)
+            part = single if single is not None else self._partition(record, partitions)
             items = parts.get(part)
             if items is None:
                 items = parts[part] = []
-            items.append((record, key, value, headers))
+            items.append(record)
         self.parts = parts
         if len(parts) == 1:  # no task per batch for the common case
             part, items = next(iter(parts.items()))
@@ -212,7 +229,7 @@ class Handover:
             *(self._run_partition(p, items, verifier) for p, items in parts.items())
         )
 
-    async def _run_partition(self, part: int, items: list[_Item], verifier: Verifier) -> None:
+    async def _run_partition(self, part: int, items: list[bytes], verifier: Verifier) -> None:
         tp = TopicPartition(self.topic, part)
         self.done[part] = 0
         try:
@@ -222,11 +239,10 @@ class Handover:
             return
         i = 0
         while i < len(items):
-            builder = self.producer.create_batch()
-            n = _fill(builder, items, i)
-            builder.close()
+            pieces, n = batch_records(items, i, self.max_bytes)
+            batch = PreparedBatch(pieces, n, self.compression)
             try:
-                fut = await self.producer.send_batch(builder, self.topic, partition=part)
+                fut = await self.producer.send_batch(batch, self.topic, partition=part)
             except KafkaError as exc:  # not handed over: this and the rest are retried
                 log.debug("kafka-emit: %s: batch not accepted: %s", tp, exc)
                 return
@@ -240,7 +256,7 @@ class Handover:
                     self.refused += n
                     log.error("kafka-emit: %s refused %d events: %s", tp, n, exc)
                 elif isinstance(exc, NodeNotReadyError) or not await verifier.written(
-                    tp, start, {headers[1][1] for *_, headers in items[i : i + n]}
+                    tp, start, {record_fields(r)[1] for r in items[i : i + n]}
                 ):
                     del self.inflight[part]
                     return  # not written: this batch and the rest are retried, in order
@@ -249,10 +265,9 @@ class Handover:
             self.done[part] = i
             start = verifier.ends.get(tp, start)
 
-    def _partition(self, key: bytes, partitions: list[int]) -> int:
-        if len(partitions) == 1:
-            return partitions[0]  # no hash needed (keys such as request ids never repeat)
+    def _partition(self, record: bytes, partitions: list[int]) -> int:
         # murmur2 is pure Python in aiokafka: cache it (user ids repeat), per partition count.
+        key = record_key(record)
         cache = self._cache.setdefault(len(partitions), {})
         part = cache.get(key)
         if part is None:
@@ -278,29 +293,5 @@ class Handover:
                 n, fut = flight
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     settled += n
-            undelivered.extend(item[0] for item in items[settled:])
+            undelivered.extend(items[settled:])
         return undelivered, self.refused
-
-
-def _fill(builder: Any, items: list[_Item], i: int) -> int:
-    """Append items[i:] to a fresh producer batch until it is full; how many went in."""
-    raw: Any = getattr(builder, "_builder", None)
-    # (A fresh BatchBuilder's _relative_offset is 0.)
-    if type(raw) is not DefaultRecordBatchBuilder or getattr(builder, "_relative_offset", 1) != 0:
-        # aiokafka's internals changed: its public (slower) append.
-        n = 0  # an empty batch always takes its first record
-        for _, key, value, headers in items[i:]:
-            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                break
-            n += 1
-        return n
-    # The record builder under aiokafka's BatchBuilder, called directly: one
-    # Python call less per event. BatchBuilder counts records in _relative_offset.
-    append = raw.append
-    n = 0
-    for _, key, value, headers in items[i:]:
-        if append(n, None, key, value, headers) is None:
-            break
-        n += 1
-    builder._relative_offset = n
-    return n

@@ -186,7 +186,14 @@ class EventProducer:
             raise ConnectionError("Kafka producer not connected")
         verifier = self._verifier
         assert verifier is not None  # set together with _producer
-        batch = Handover(producer, topic, records, self._partitions)
+        batch = Handover(
+            producer,
+            topic,
+            records,
+            self._partitions,
+            max_bytes=self.settings.max_batch_size,
+            compression=self.settings.compression,
+        )
         work = asyncio.ensure_future(batch.run(verifier))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:

@@ -169,8 +169,8 @@ def test_record_round_trip() -> None:
 def test_record_fields_match_unpack() -> None:
     env = Envelope(key=b"k", ce_id=b"i" * 36, ce_type=b"user_registered", value=b"{}")
     assert fields(pack(env)) == (env.key, env.ce_id, env.ce_type, env.value)
-    with pytest.raises(ValueError, match="version"):
-        fields(b"\x02" + pack(env)[1:])
+    with pytest.raises(ValueError, match="format"):
+        fields(b"\x03" + pack(env)[1:])  # odd, and not format 1
 
 
 def test_uuid4_ids_are_random_rfc4122_version_4() -> None:
