@@ -190,6 +190,18 @@ class _GatewayRequestHandler(RequestHandler):
             if self.transport is not None:
                 self.transport.close()
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # A response written whole (aiogateway/response_writer.py) leaves aiohttp
+        # nothing to do: its prepare() and write_eof() would return at once, and
+        # only a declined upgrade has a tail to re-parse. Skip the two awaits.
+        if getattr(resp, "_eof_sent", False) and not self._upgraded:
+            request._finish()
+            self.log_access(request, resp, start_time)
+            return resp, False
+        return await super().finish_response(request, resp, start_time)
+
     # Slowloris guard: the first request head must be complete within
     # header_timeout of the connect (as nginx's client_header_timeout), and a
     # later head within header_timeout of its first byte. aiohttp itself only
