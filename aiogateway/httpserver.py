@@ -68,12 +68,6 @@ class _GatewayRequestHandler(RequestHandler):
         self._header_timeout = header_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
 
-    async def start(self) -> None:
-        if INLINE_START:
-            await self._start_inline()
-        else:
-            await super().start()
-
     async def _start_inline(self) -> None:
         """aiohttp 3.14's ``RequestHandler.start``, awaiting the handler in this
         task: the lines from "coro = ..." to "await coro" are the only change."""
@@ -189,6 +183,9 @@ class _GatewayRequestHandler(RequestHandler):
             self._task_handler = None
             if self.transport is not None:
                 self.transport.close()
+
+    if INLINE_START:
+        start = _start_inline  # aiohttp 3.14's loop without a task per request
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
