@@ -406,7 +406,7 @@ class ProxyHandler:
                 return await self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
         exchange.set_upstream_response(upstream)
-        response = ProxyResponse(status=upstream.status, reason=upstream.reason)
+        response: web.StreamResponse | None = None  # made only if aiohttp writes it
         route = exchange.route
         assert route is not None
         request = exchange.request
@@ -421,9 +421,11 @@ class ProxyHandler:
                 # The whole body is here: head and body in one write, without
                 # aiohttp's response machinery (aiogateway/response_writer.py).
                 exchange.bytes_out = len(first)
-                await send_complete(request, response, first, exchange, upstream.head)
+                written = await send_complete(
+                    request, upstream.status, upstream.reason, first, exchange, upstream.head
+                )
                 upstream.release()
-                return response
+                return written
             # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).
             response = ProxyResponse(
                 status=upstream.status,
@@ -460,6 +462,8 @@ class ProxyHandler:
             exchange.error = exc.kind
             self.telemetry.upstream_error(upstream_name(exchange), exc.kind)
             upstream.close()
+            if response is None:
+                response = ProxyResponse(status=upstream.status, reason=upstream.reason)
             response.force_close()
             if request.transport is not None:
                 request.transport.abort()
@@ -467,6 +471,8 @@ class ProxyHandler:
         except ConnectionError:
             exchange.error = "client_abort"
             upstream.close()
+            if response is None:
+                response = ProxyResponse(status=upstream.status, reason=upstream.reason)
             return response
         except BaseException:
             upstream.close()

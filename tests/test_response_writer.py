@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -128,9 +129,9 @@ chain = []
     used: list[bool] = []
     real = response_writer.send_complete
 
-    async def spy(*args: object) -> None:
+    async def spy(*args: object) -> object:
         used.append(True)
-        await real(*args)  # type: ignore[arg-type]
+        return await real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr("aiogateway.proxy.send_complete", spy)
     raw_heads: list[bytes | None] = []
@@ -163,11 +164,18 @@ chain = []
     assert fast[3] == slow[3], "same keep-alive decision"
     assert sum(k.lower() == "x-request-id" for k, _ in fast[1]) == 1
     assert not any(k.lower() == "x-hop" for k, _ in fast[1])
+    # The shared "sent" responses handed to aiohttp: still sent, decisions unchanged.
+    for shared, keep_alive in (
+        (response_writer._SENT_KEEP_ALIVE, True),
+        (response_writer._SENT_CLOSE, False),
+    ):
+        assert shared.keep_alive is keep_alive
+        assert shared._eof_sent
+        assert await shared.prepare(make_mocked_request("GET", "/")) is None
 
 
 def test_header_with_newline_is_refused() -> None:
     """A CR or LF in a header value (say, one a plugin added) never splits the response."""
-    from aiohttp.test_utils import make_mocked_request
     from multidict import CIMultiDict
 
     request = make_mocked_request("GET", "/")
