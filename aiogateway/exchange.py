@@ -152,12 +152,6 @@ class Exchange:
         return None if upstream is None else upstream.headers
 
     @property
-    def upstream_head(self) -> bytes | None:
-        """The upstream's response head (status line to blank line) as received."""
-        upstream = self._upstream_response
-        return None if upstream is None else upstream.head
-
-    @property
     def response_headers_built(self) -> bool:
         """Whether ``response_headers`` was read (and so may have been edited)."""
         return self._response_headers is not None

@@ -114,7 +114,7 @@ class MergeContext:
     def routes_to(self, route: Route, method: str, path: str) -> bool:
         """Whether the router sends ``method path`` (a template) to ``route``."""
         match = self.table.router.match(method, path)
-        return not isinstance(match, frozenset) and match is not None and match.route is route
+        return not isinstance(match, frozenset) and match is not None and match[0] is route
 
     def shape_index(self, upstream: str) -> dict[str, str]:
         index = self._shapes.get(upstream)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.streams import EmptyStreamReader
 
 from . import errors
 from .accesslog import log_access
@@ -76,15 +77,21 @@ class ProxyHandler:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.telemetry = gateway.telemetry
+        self.special = gateway.special  # /healthz, /readyz: path -> handler
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        if request.version.major != 1:
+        # The parsed message's fields, not the request's properties: each of
+        # those costs a Python call (~1 k instructions on first use), and the hot
+        # path reads many. (request.message itself warns "deprecated": _message;
+        # tests/test_aiohttp_internals.py holds aiohttp to these names.)
+        message = request._message
+        if message.version.major != 1:
             # HTTP/0.9 or an "HTTP/2.0" text request line: not HTTP/1.x framing.
             return errors.error_response(
                 505, errors.HTTP_VERSION_NOT_SUPPORTED, "only HTTP/1.0 and 1.1", new_request_id()
             )
-        target = request.raw_path
+        target = message.path
         if target[:1] != "/":
             # Absolute-form (RFC 9112 §3.2.2): route on its path. Anything else
             # (asterisk-form "*", authority-form) names no resource here.
@@ -93,10 +100,15 @@ class ProxyHandler:
             else:
                 target = ""
         raw_path, _, query = target.partition("?")
-        request_id = request_id_from(request.headers.get("X-Request-ID"))
+        request_id = request_id_from(message.headers.get("X-Request-ID"))
+        # request.remote, worked out once per connection.
+        protocol = request._protocol
+        client_ip: str | None = getattr(protocol, "client_ip", None)
+        if client_ip is None:
+            client_ip = protocol.client_ip = request.remote or ""  # type: ignore[attr-defined]
         table = self.gateway.table
         exchange = Exchange(
-            request, request_id, request.method, raw_path, query, request.remote or "", started
+            request, request_id, message.method, raw_path, query, client_ip, started
         )
         table.in_flight += 1
         chain: Chain = table.unmatched_chain
@@ -108,7 +120,7 @@ class ProxyHandler:
             except BadPath as exc:
                 exchange.error = "bad_request"
                 return self._error(exchange, 400, errors.BAD_REQUEST, str(exc))
-            special = self.gateway.special_handler(path)
+            special = self.special.get(path)
             if special is not None:
                 chain = EMPTY_CHAIN  # health probes are not traffic
                 response = await special(request)
@@ -118,7 +130,7 @@ class ProxyHandler:
             if endpoint is not None:
                 chain = endpoint[1]
                 return await self._endpoint(exchange, *endpoint)
-            match = table.router.match(request.method, path)
+            match = table.router.match(exchange.method, path)
             if match is None:
                 return self._error(exchange, 404, errors.NOT_FOUND, "no route for this path")
             if isinstance(match, frozenset):
@@ -202,14 +214,18 @@ class ProxyHandler:
         self, exchange: Exchange, route: Route, table: RouteTable
     ) -> web.StreamResponse:
         request = exchange.request
+        message = request._message
         limit = route.max_body_bytes
-        length = request.content_length
+        length: int | None = None
+        content_length = message.headers.get("Content-Length")
+        if content_length is not None:
+            length = int(content_length)  # llhttp accepted it: digits only
         if limit and length is not None and length > limit:
             exchange.error = "body_too_large"
             return self._error(
                 exchange, 413, errors.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes"
             )
-        transfer_encoding = request.headers.get("Transfer-Encoding")
+        transfer_encoding = message.headers.get("Transfer-Encoding")
         if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
             # RFC 9112 §6.1: a transfer coding we cannot decode is answered 501,
             # never forwarded as if the body were plain.
@@ -224,17 +240,19 @@ class ProxyHandler:
             rejection = await chain.run_on_request(exchange)
             if rejection is not None:
                 return self._rejected(exchange, rejection)
+        expect = message.headers.get("Expect")
         if (
-            request.content.total_bytes == 0
-            and request.headers.get("Expect", "").lower() == "100-continue"
-            and request.version.minor == 1
+            expect is not None
+            and expect.lower() == "100-continue"
+            and request.content.total_bytes == 0
+            and message.version.minor == 1
         ):
             # Only now (route, size and auth passed) invite the client to send
             # its body; aiohttp's low-level server does not do it for us. A client
             # that sent body bytes already needs no invitation (RFC 9110 §10.1.1).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
-        if route.websocket and is_websocket_upgrade(request):
+        if route.websocket and message.upgrade and is_websocket_upgrade(request):
             return await proxy_websocket(
                 self.gateway, exchange, route, self._upstream_target(exchange, route)
             )
@@ -245,15 +263,15 @@ class ProxyHandler:
                 REQUEST_DROP | table.identity_headers_b | chain.strip_headers
             )
         headers = upstream_request_headers(
-            request.raw_headers,
+            message.raw_headers,
             drop,
             client_ip=exchange.client_ip,
-            proto=request.scheme,
+            proto=_scheme(request),
             request_id=exchange.request_id,
             extra=exchange.extra_upstream_headers,
         )
         body: AsyncIterator[bytes] | bytes | None
-        if not request.body_exists:
+        if type(request._payload) is EmptyStreamReader:  # not request.body_exists
             body = None
         elif length is not None and length <= SMALL_BODY:
             try:
@@ -388,7 +406,7 @@ class ProxyHandler:
                 return await self._upstream_failed(exchange, upstream_name(exchange), exc)
         exchange.upstream_status = exchange.status = upstream.status
         exchange.set_upstream_response(upstream)
-        response = ProxyResponse(status=upstream.status, reason=upstream.reason)
+        response: web.StreamResponse | None = None  # made only if aiohttp writes it
         route = exchange.route
         assert route is not None
         request = exchange.request
@@ -403,9 +421,11 @@ class ProxyHandler:
                 # The whole body is here: head and body in one write, without
                 # aiohttp's response machinery (aiogateway/response_writer.py).
                 exchange.bytes_out = len(first)
-                await send_complete(request, response, first, exchange)
+                written = await send_complete(
+                    request, upstream.status, upstream.reason, first, exchange, upstream.head
+                )
                 upstream.release()
-                return response
+                return written
             # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).
             response = ProxyResponse(
                 status=upstream.status,
@@ -442,6 +462,8 @@ class ProxyHandler:
             exchange.error = exc.kind
             self.telemetry.upstream_error(upstream_name(exchange), exc.kind)
             upstream.close()
+            if response is None:
+                response = ProxyResponse(status=upstream.status, reason=upstream.reason)
             response.force_close()
             if request.transport is not None:
                 request.transport.abort()
@@ -449,6 +471,8 @@ class ProxyHandler:
         except ConnectionError:
             exchange.error = "client_abort"
             upstream.close()
+            if response is None:
+                response = ProxyResponse(status=upstream.status, reason=upstream.reason)
             return response
         except BaseException:
             upstream.close()
@@ -483,6 +507,15 @@ async def _first_chunk(upstream: UpstreamResponse) -> bytes | memoryview | None:
             return await upstream.read()
     except TimeoutError:
         return None  # read() is cancellation-safe: nothing is lost
+
+
+def _scheme(request: web.BaseRequest) -> str:
+    """``request.scheme``, worked out once per connection."""
+    protocol = request._protocol
+    scheme: str | None = getattr(protocol, "client_scheme", None)
+    if scheme is None:
+        scheme = protocol.client_scheme = request.scheme  # type: ignore[attr-defined]
+    return scheme
 
 
 def upstream_name(exchange: Exchange) -> str:

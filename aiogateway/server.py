@@ -72,7 +72,8 @@ class Gateway:
         self._ws_session: aiohttp.ClientSession | None = None
         self._reload_lock = asyncio.Lock()
         self._stopping = False
-        self._special: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        # Paths the gateway answers itself, before any route: path -> handler.
+        self.special: dict[str, Handler] = {"/healthz": self._healthz, "/readyz": self._readyz}
         self.docs = DocsService(self)  # /openapi.json and /docs, regenerated per table
         self.table: RouteTable
         self.port = 0
@@ -284,9 +285,6 @@ class Gateway:
         if self._ws_session is None or self._ws_session.closed:
             self._ws_session = aiohttp.ClientSession(auto_decompress=False)
         return self._ws_session
-
-    def special_handler(self, path: str) -> Handler | None:
-        return self._special.get(path)
 
     async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")

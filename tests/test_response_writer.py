@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -128,9 +129,9 @@ chain = []
     used: list[bool] = []
     real = response_writer.send_complete
 
-    async def spy(*args: object) -> None:
+    async def spy(*args: object) -> object:
         used.append(True)
-        await real(*args)  # type: ignore[arg-type]
+        return await real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr("aiogateway.proxy.send_complete", spy)
     raw_heads: list[bytes | None] = []
@@ -163,18 +164,25 @@ chain = []
     assert fast[3] == slow[3], "same keep-alive decision"
     assert sum(k.lower() == "x-request-id" for k, _ in fast[1]) == 1
     assert not any(k.lower() == "x-hop" for k, _ in fast[1])
+    # The shared "sent" responses handed to aiohttp: still sent, decisions unchanged.
+    for shared, keep_alive in (
+        (response_writer._SENT_KEEP_ALIVE, True),
+        (response_writer._SENT_CLOSE, False),
+    ):
+        assert shared.keep_alive is keep_alive
+        assert shared._eof_sent
+        assert await shared.prepare(make_mocked_request("GET", "/")) is None
 
 
 def test_header_with_newline_is_refused() -> None:
     """A CR or LF in a header value (say, one a plugin added) never splits the response."""
-    from aiohttp.test_utils import make_mocked_request
     from multidict import CIMultiDict
 
     request = make_mocked_request("GET", "/")
     for bad in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
         with pytest.raises(ValueError, match="CR or LF"):
             response_writer.response_head(
-                request, 200, "OK", CIMultiDict({"X-Plugin": bad}), 1, True
+                request.version, 200, "OK", CIMultiDict({"X-Plugin": bad}), 1, True
             )
 
 
@@ -243,7 +251,6 @@ def test_raw_head_keeps_what_the_multidict_path_keeps(
     response_head(response_headers(...)) sends, values equal up to the
     whitespace around them (the raw path keeps the upstream's spacing)."""
     from aiohttp import HttpVersion10, HttpVersion11
-    from aiohttp.test_utils import make_mocked_request
 
     from aiogateway.headers import response_headers
     from aiogateway.upstream_streams import head_fields
@@ -254,10 +261,9 @@ def test_raw_head_keeps_what_the_multidict_path_keeps(
     assume(llhttp_fields is not None)
     assert head_fields(head) == llhttp_fields, "the fields as llhttp's on_header gave them"
     version = HttpVersion11 if minor else HttpVersion10
-    request = make_mocked_request("GET", "/", version=version)
-    fast = response_writer.raw_response_head(request, 200, "OK", head, "rid", length, keep_alive)
+    fast = response_writer.raw_response_head(version, 200, "OK", head, "rid", length, keep_alive)
     reference = response_writer.response_head(
-        request, 200, "OK", response_headers(head_fields(head), "rid"), length, keep_alive
+        version, 200, "OK", response_headers(head_fields(head), "rid"), length, keep_alive
     )
     listed = any(
         n.lower() == b"connection" and v.strip().lower() not in (b"", b"keep-alive", b"close")
