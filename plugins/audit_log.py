@@ -24,10 +24,12 @@ import contextlib
 import logging
 import socket
 from pathlib import Path
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from aiohttp.hdrs import USER_AGENT  # an istr: no case folding per lookup
 from pydantic import Field, SecretStr, field_validator
 
 from aiogateway.delivery import DeliveryQueue
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["AuditLog", "AuditLogConfig"]
 
 log = logging.getLogger("aiogateway.audit")
+_round = float.__round__  # round(x) without the builtin's lookup of __round__
 
 
 class AuditLogConfig(PluginConfig):
@@ -237,11 +240,13 @@ class AuditLog(Plugin[AuditLogConfig]):
         if self._drop:
             record = self._careful_record(exchange)
         else:
+            # exchange.duration, inline (a property call per request); set when it ended.
+            end = exchange.finished
             try:
                 record = encode_record(
                     exchange.started_at,
                     exchange.status,
-                    round(exchange.duration * 1e6) / 1000,
+                    _round(((end or perf_counter()) - exchange.started) * 1e6) / 1000,
                     exchange.bytes_in,
                     exchange.bytes_out,
                     exchange.request_id,
@@ -249,7 +254,7 @@ class AuditLog(Plugin[AuditLogConfig]):
                     route.name if route is not None else "unmatched",
                     exchange.method,
                     route.upstream.name if route is not None else None,
-                    exchange.request.headers.get("User-Agent"),
+                    exchange.request.headers.get(USER_AGENT),
                     exchange.client_ip,
                     exchange.user_id,
                     exchange.org_id,
@@ -277,7 +282,7 @@ class AuditLog(Plugin[AuditLogConfig]):
             exchange.user_id,
             exchange.org_id,
             exchange.client_ip,
-            exchange.request.headers.get("User-Agent"),
+            exchange.request.headers.get(USER_AGENT),
             route.upstream.name if route is not None else None,
             exchange.bytes_in,
             exchange.bytes_out,

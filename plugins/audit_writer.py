@@ -37,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import logging
+import os
 import random
 import struct
 import time
@@ -122,27 +124,41 @@ _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 (PostgreSQL's epoch) in Unix mi
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _len = struct.Struct("!i").pack
-# 16 fields; id (16 bytes), occurred_at (int8), status (int4), duration_ms (float8),
-# bytes_in, bytes_out (int8), each after its length
-_FIXED = struct.Struct("!hi16siqiiidiqiq").pack
 _INT4 = struct.Struct("!ii").pack
 _INT8 = struct.Struct("!iq").pack
 _FLOAT8 = struct.Struct("!id").pack
-_UUID_RAND = (1 << 80) - 1 & ~(0xF << 76 | 0b11 << 62)  # the bits left random
-_UUID_V7 = 0x7 << 76 | 0b10 << 62  # version 7, variant 10
+_UUID = struct.Struct("!QQ").pack
 _time_ns = time.time_ns
-_getrandbits = random.getrandbits
+_round = float.__round__  # round(x) without the builtin's lookup of __round__
+
+
+def _new_id_source() -> None:
+    """This process's id bits (RFC 9562 §6.2, method 2: a randomly seeded counter).
+
+    An id's first half is its millisecond, the version and 12 random bits; its
+    second half the variant and a 62-bit counter that starts at a random value:
+    ids never repeat within a process, and processes (forked workers included:
+    this runs again in each child) draw their own bits.
+    """
+    global _ID_RAND_A, _next_id_b
+    _ID_RAND_A = 0x7 << 12 | random.getrandbits(12)  # version 7
+    # Variant 10, then the counter; from below 2**61 it cannot run out.
+    _next_id_b = itertools.count(0b10 << 62 | random.getrandbits(61)).__next__
+
+
+_ID_RAND_A = 0
+_next_id_b: Callable[[], int]
+_new_id_source()
+os.register_at_fork(after_in_child=_new_id_source)
 
 
 def uuid7_bytes() -> bytes:
     """A time-ordered UUID (RFC 9562 version 7) as its 16 bytes.
 
-    The random bits come from ``random``, not ``os.urandom`` (a syscall per
-    request): ids need uniqueness, not secrecy, and ``random`` reseeds itself in
-    forked children, so workers never share a sequence.
+    No ``os.urandom`` (a syscall per request): ids need uniqueness, not
+    secrecy (see ``_new_id_source``).
     """
-    ms = _time_ns() // 1_000_000
-    return (ms << 80 | _getrandbits(80) & _UUID_RAND | _UUID_V7).to_bytes(16)
+    return _UUID(_time_ns() // 1_000_000 << 16 | _ID_RAND_A, _next_id_b())
 
 
 def uuid7() -> str:
@@ -188,6 +204,18 @@ def _once(s: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
+def _tail(user_id: str | None, org_id: str | None, error: str | None) -> bytes:
+    """The user_id, org_id and error fields: a few per user."""
+    return b"".join(
+        (
+            _NULL if user_id is None else _once(user_id),
+            _NULL if org_id is None else _once(org_id),
+            _NULL if error is None else _label(error),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=4096)
 def _inet(v: Any) -> bytes:
     # Cached: client addresses repeat, and parsing one costs more than the rest of a row.
     if isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -200,6 +228,34 @@ def _inet(v: Any) -> bytes:
     p = a.packed
     # family (PGSQL_AF_INET 2, PGSQL_AF_INET6 3), bits, is_cidr, address length
     return _len(4 + len(p)) + bytes((2 if a.version == 4 else 3, 8 * len(p), 0, len(p))) + p
+
+
+# A record's head, for each pair of request id and path lengths (request id length
+# << 12 | path length): the 16 fields' count, the fixed-size fields (id, occurred_at,
+# status, duration_ms, bytes_in, bytes_out), then request_id and path, each field
+# after its length, in one call.
+_HEADS: dict[int, Callable[..., bytes]] = {}
+# The route, method, upstream, user_agent and client_ip fields (adjacent in a
+# record) by their values: a few per route and client.
+_MIDDLES: dict[tuple[Any, ...], bytes] = {}
+_CACHED = 4096  # entries of either; past it, it starts again
+_NO_IDENTITY = _NULL * 3  # user_id, org_id and error: NULL
+
+
+def _head(n: int) -> Callable[..., bytes]:
+    if len(_HEADS) >= _CACHED:
+        _HEADS.clear()
+    pack = _HEADS[n] = struct.Struct(f"!hiQQiqiiidiqiqi{n >> 12}si{n & 0xFFF}s").pack
+    return pack
+
+
+def _middle(route: str, method: str, upstream: str | None, agent: str | None, ip: str) -> bytes:
+    if len(_MIDDLES) >= _CACHED:
+        _MIDDLES.clear()
+    b = _MIDDLES[route, method, upstream, agent, ip] = (
+        _route(route, method, upstream) + _agent(agent) + _inet(ip)
+    )
+    return b
 
 
 def encode_record(
@@ -233,25 +289,38 @@ def encode_record(
     p = path.encode()
     if len(rid) > _MAX_TEXT or len(p) > _MAX_TEXT:
         raise ValueError("long text")
-    # uuid7_bytes(), inline: this runs once per request
-    uid = (_time_ns() // 1_000_000 << 80 | _getrandbits(80) & _UUID_RAND | _UUID_V7).to_bytes(16)
-    at = round(occurred_at * 1e6) - _PG_EPOCH_US
-    fixed = _FIXED(16, 16, uid, 8, at, 4, status, 8, duration_ms, 8, bytes_in, 8, bytes_out)
-    return b"".join(
-        (
-            fixed,
-            _len(len(rid)),
-            rid,
-            _len(len(p)),
-            p,
-            _route(route, method, upstream),
-            _agent(user_agent),
-            _inet(client_ip),
-            _NULL if user_id is None else _once(user_id),
-            _NULL if org_id is None else _once(org_id),
-            _NULL if error is None else _label(error),
-        )
+    n = len(rid) << 12 | len(p)
+    try:
+        head = _HEADS[n]
+    except KeyError:
+        head = _head(n)
+    try:
+        middle = _MIDDLES[route, method, upstream, user_agent, client_ip]
+    except KeyError:
+        middle = _middle(route, method, upstream, user_agent, client_ip)
+    record = head(
+        16,
+        16,
+        _time_ns() // 1_000_000 << 16 | _ID_RAND_A,  # the id, as in uuid7_bytes()
+        _next_id_b(),
+        8,
+        _round(occurred_at * 1e6) - _PG_EPOCH_US,
+        4,
+        status,
+        8,
+        duration_ms,
+        8,
+        bytes_in,
+        8,
+        bytes_out,
+        len(rid),
+        rid,
+        len(p),
+        p,
     )
+    if user_id is None and org_id is None and error is None:
+        return record + middle + _NO_IDENTITY
+    return record + middle + _tail(user_id, org_id, error)
 
 
 def _uuid_field(v: bytes | str | uuid.UUID) -> bytes:

@@ -7,6 +7,7 @@ gateway-restart test runs the gateway as a subprocess and SIGTERMs it.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import time
@@ -651,6 +652,23 @@ def test_uuid7_is_a_valid_time_ordered_uuid() -> None:
     # Ordered by creation time at millisecond resolution.
     stamps = [i.replace("-", "")[:12] for i in ids]
     assert stamps == sorted(stamps)
+
+
+def test_forked_children_draw_their_own_id_bits() -> None:
+    # The ids' bits are a per-process random start and a counter: a forked worker
+    # continuing its parent's counter would repeat its ids.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.write(w, b"".join(uuid7_bytes() for _ in range(100)))
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        theirs = f.read()
+    os.waitpid(pid, 0)
+    mine = {uuid7_bytes()[6:] for _ in range(100)}  # all but the millisecond
+    assert len(theirs) == 1600
+    assert not mine & {theirs[i + 6 : i + 16] for i in range(0, 1600, 16)}
 
 
 # Records in PostgreSQL's binary COPY form (the hook's), and the old orjson form ----
