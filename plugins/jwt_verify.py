@@ -102,6 +102,7 @@ class TokenVerifier:
         self._audience = config.audience
         self._cache: OrderedDict[str, Verified] = OrderedDict()
         self._cache_size = config.cache_size
+        self.caching = config.cache_size > 0
         self._generation = 0
 
     def _keyset(self) -> KeySet:
@@ -123,7 +124,7 @@ class TokenVerifier:
         return hit
 
     async def verify(self, token: str) -> Verified | Rejection:
-        if self._cache_size:
+        if self.caching:
             hit = self.cached(token)
             if hit is not None:
                 return hit
