@@ -29,6 +29,7 @@ import os
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -244,23 +245,26 @@ class MetricFamilies:
         Plain arithmetic on pending numbers (about 1 µs); :meth:`flush` moves them
         into the prometheus_client families (whose every update takes a lock, and
         with workers > 1 writes an mmap file: 7-20 µs per request done directly).
+        The exchange's route_name, duration and upstream_duration properties are
+        inlined: a Python call each per request.
         """
-        method = exchange.method
-        if method not in KNOWN_METHODS:
-            method = "OTHER"
-        key = (exchange.route_name, method, exchange.status)
+        route = exchange.route
+        key = (route.name if route is not None else "unmatched", exchange.method, exchange.status)
         series = self._by_request.get(key)
         if series is None:
             series = self._bind_request(key)
-        duration = exchange.duration
+        end = exchange.finished
+        duration = (end if end is not None else perf_counter()) - exchange.started
         series.count += 1
         series.sum += duration
         series.buckets[bisect_left(series.bounds, duration)] += 1
         series.bytes_in += exchange.bytes_in
         series.bytes_out += exchange.bytes_out
-        upstream_time = exchange.upstream_duration
-        if upstream_time is not None and exchange.route is not None:
-            name = exchange.route.upstream.name
+        started = exchange.upstream_started
+        headers_at = exchange.upstream_headers_at
+        if started is not None and headers_at is not None and route is not None:
+            upstream_time = headers_at - started
+            name = route.upstream.name
             up = self._by_upstream.get(name)
             if up is None:
                 assert self.upstream_duration is not None
@@ -270,6 +274,14 @@ class MetricFamilies:
 
     def _bind_request(self, key: tuple[str, str, int]) -> RequestSeries:
         route, method, status = key
+        if method not in KNOWN_METHODS:
+            # Only known methods are keys of their own: a client's made-up ones would
+            # grow the dict without bound. They look up OTHER's series each time.
+            key = (route, "OTHER", status)
+            series = self._by_request.get(key)
+            if series is not None:
+                return series
+            method = "OTHER"
         assert self.duration is not None
         series = RequestSeries(
             self.duration.labels(route, method),

@@ -33,6 +33,8 @@ from aiogateway.errors import ConfigError
 from aiogateway.exchange import Exchange
 from aiogateway.plugin import GatewayApp, Plugin, PluginConfig
 from aiogateway.telemetry import Telemetry
+from plugins.metrics_registry import MetricFamilies
+from plugins.metrics_series import DEFAULT_BUCKETS
 from tests.support.gateway import (
     StartGateway,
     StartGatewayProcess,
@@ -728,3 +730,22 @@ def test_config_errors_are_located(tmp_path: Path, table: str, where: str, probl
     message = str(caught.value)
     assert f"{where}:" in message, message
     assert problem in message, message
+
+
+def test_made_up_methods_count_as_other_without_a_key_each() -> None:
+    # The hot path keys series by the raw method; client-chosen ones must not grow that.
+    families = MetricFamilies(DEFAULT_BUCKETS, DEFAULT_BUCKETS)
+    for i in range(50):
+        for method in (f"X-{i}", "GET"):
+            ex = Exchange(None, f"r{i}", method, "/p", "", "127.0.0.1", time.perf_counter())  # type: ignore[arg-type]
+            ex.status = 404
+            ex.finished = ex.started + 0.002
+            families.complete(ex)
+    assert len(families._by_request) == 2  # (unmatched, GET, 404) and (unmatched, OTHER, 404)
+    families.flush()
+    samples = parse(families.render("", False)[0].decode())
+    for method in ("GET", "OTHER"):
+        labels = {"route": "unmatched", "method": method, "status": "404"}
+        assert value(samples, "gateway_requests_total", **labels) == 50
+        labels.pop("status")
+        assert value(samples, "gateway_request_duration_seconds_count", **labels) == 50
