@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from multidict import istr
 from pydantic import Field, SecretStr, model_validator
 
 from aiogateway import errors
@@ -128,15 +129,19 @@ class ServiceKey(Plugin[ServiceKeyConfig]):
         # salt, so every comparison is between two 32-byte values: the time of
         # compare_digest cannot even leak a key's length.
         self._salt = os.urandom(32)
+        # The MAC, keyed once; each digest starts from a copy of it.
+        self._mac = hashlib.blake2b(key=self._salt, digest_size=32)
         self._keys: tuple[tuple[bytes, str], ...] = tuple(
             (self._digest(key), who or name) for who, key in config.entries()
         )
-        self._header = config.header
+        self._header = istr(config.header)  # no case folding per lookup
         self._strip = (config.header.lower(),) if config.strip else ()
 
     def _digest(self, key: str) -> bytes:
         # Keyed BLAKE2b: a MAC with no per-call key schedule (HMAC-SHA256 costs 3x).
-        return hashlib.blake2b(key.encode(), key=self._salt, digest_size=32).digest()
+        mac = self._mac.copy()  # cheaper than keying a new one (~2 k instructions)
+        mac.update(key.encode())
+        return mac.digest()
 
     def strip_request_headers(self) -> tuple[str, ...]:
         return self._strip
@@ -155,13 +160,15 @@ class ServiceKey(Plugin[ServiceKeyConfig]):
         return found
 
     async def on_request(self, exchange: Exchange) -> web.StreamResponse | None:
-        values = exchange.request.headers.getall(self._header, ())
-        if not values or (len(values) == 1 and not values[0].strip()):
+        values: list[str] = exchange.request.headers.getall(self._header, [])
+        n = len(values)
+        presented = values[0].strip() if n == 1 else ""
+        if not n or (n == 1 and not presented):
             return errors.error_response(
                 401, errors.UNAUTHORIZED, "service key required", exchange.request_id
             )
         # Several key headers: ambiguous, refused like a wrong key.
-        principal = self.match(values[0].strip()) if len(values) == 1 else None
+        principal = self.match(presented) if n == 1 else None
         if principal is None:
             return errors.error_response(
                 403, errors.FORBIDDEN, "invalid service key", exchange.request_id
