@@ -421,9 +421,7 @@ class ProxyHandler:
                 # The whole body is here: head and body in one write, without
                 # aiohttp's response machinery (aiogateway/response_writer.py).
                 exchange.bytes_out = len(first)
-                written = await send_complete(
-                    request, upstream.status, upstream.reason, first, exchange, upstream.head
-                )
+                written = await send_complete(request, first, exchange, upstream)
                 upstream.release()
                 return written
             # _real_headers: aiohttp's own no-copy path (the dict is fresh and ours).

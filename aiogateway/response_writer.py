@@ -21,7 +21,6 @@ Connection header names other headers, takes the multidict path.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from aiohttp import HttpVersion, web
@@ -29,10 +28,11 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
-from .headers import RESPONSE_DROP, connection_listed
+from .upstream_streams import HeadScan, status_reason
 
 if TYPE_CHECKING:
     from .exchange import Exchange
+    from .upstream_streams import UpstreamResponse
 
 __all__ = ["can_send_complete", "raw_response_head", "response_head", "send_complete"]
 
@@ -42,17 +42,6 @@ _NO_BODY_METHODS = frozenset({"HEAD", "CONNECT"})
 # object); larger ones go as a second buffer of the same writelines call.
 _COALESCE = 16 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
-# In the lower-cased bytes of a head llhttp accepted (each line ends CRLF, no
-# CR or LF inside one, no space before a colon): a header line the client must
-# not get, with the CRLF before it. Searched case-sensitively in a lower-cased
-# copy: sre's IGNORECASE tries every position, this only each line start.
-_DROPPED_LINE = re.compile(
-    rb"\r\n(%s):([^\r]*)" % b"|".join(re.escape(n) for n in sorted(RESPONSE_DROP))
-)
-
-
-# Connection values that name no other header (what upstreams nearly always send).
-_PLAIN = frozenset({b"keep-alive", b"close"})
 
 
 def can_send_complete(method: str, status: int) -> bool:
@@ -97,44 +86,32 @@ def response_head(
 def raw_response_head(
     version: HttpVersion,
     status: int,
-    reason: str,
     upstream_head: bytes,
+    scan: HeadScan,
     request_id: str,
     length: int,
     keep_alive: bool,
 ) -> bytes | None:
     """``response_head(response_headers(fields, request_id), ...)`` made from the
-    upstream head's bytes (status line to blank line, as llhttp accepted it);
-    None when it holds obs-text or its Connection header names other headers
-    (both rare: the multidict path handles them)."""
-    if not upstream_head.isascii():
-        return None  # obs-text: the multidict path re-encodes it as aiohttp does
-    low = upstream_head.lower()  # (llhttp lowers nothing; the header names' case varies)
-    # The status line is the client's; the upstream's lines follow from its CRLF on.
-    at = low.find(b"\r\n")
-    parts = [b"HTTP/%d.%d %d %s" % (version.major, version.minor, status, reason.encode())]
-    for match in _DROPPED_LINE.finditer(low):
-        if match[1] == b"connection":
-            value = match[2].strip()
-            if value not in _PLAIN and connection_listed(value):
-                return None
-        start, end = match.span()
-        parts.append(upstream_head[at:start])
-        at = end
-    parts += (
-        upstream_head[at:-2],  # the rest of the lines, each with its CRLF
-        b"X-Request-ID: ",
-        request_id.encode(),
-        b"\r\nContent-Length: %d\r\n" % length,
-    )
-    # (CRLF can only precede a header name: never part of a value.) find(), not
-    # "in": on 3.11 bytes.__contains__ first tries the needle as an int and
-    # formats a TypeError, costing more than the search.
-    if length and low.find(b"\r\ncontent-type:") < 0:
+    upstream head's bytes (status line to blank line, as llhttp accepted it) and
+    its ``scan_head``; None when it holds obs-text or its Connection header
+    names other headers (both rare: the multidict path handles them)."""
+    _, _, lines, status_end, seen, listed = scan
+    if listed or not upstream_head.isascii():
+        return None  # (obs-text: the multidict path re-encodes it as aiohttp does)
+    if version.minor == 1 and status_end > 13 and upstream_head.startswith(b"HTTP/1.1 "):
+        # An HTTP/1.1 status line with a reason phrase: the client's as it is.
+        parts = [lines]
+    else:
+        reason = status_reason(upstream_head, status)
+        status_line = b"HTTP/%d.%d %d %s" % (version.major, version.minor, status, reason.encode())
+        parts = [status_line, lines[status_end:]]
+    parts += (b"\r\nX-Request-ID: ", request_id.encode(), b"\r\nContent-Length: %d\r\n" % length)
+    if length and not seen & 1:
         parts.append(b"Content-Type: application/octet-stream\r\n")
-    if low.find(b"\r\ndate:") < 0:
+    if not seen & 2:
         parts += (b"Date: ", rfc822_formatted_time().encode(), b"\r\n")
-    if low.find(b"\r\nserver:") < 0:
+    if not seen & 4:
         parts += (b"Server: ", _SERVER, b"\r\n")
     if keep_alive:
         if version.minor == 0:
@@ -163,17 +140,15 @@ _SENT_CLOSE, _SENT_KEEP_ALIVE = _sent(False), _sent(True)
 
 async def send_complete(
     request: web.BaseRequest,
-    status: int,
-    reason: str,
     body: bytes | memoryview,
     exchange: Exchange,
-    upstream_head: bytes | None,
+    upstream: UpstreamResponse,
 ) -> web.StreamResponse:
-    """Write ``status``, ``exchange``'s headers and ``body`` to the client; return
-    the response to hand back to aiohttp (a shared one, marked sent).
+    """Write ``upstream``'s status, ``exchange``'s headers and ``body`` to the
+    client; return the response to hand back to aiohttp (a shared one, marked sent).
 
-    The head comes from ``upstream_head`` (the upstream's, as received) unless
-    a hook read (and so may have edited) ``exchange.response_headers``.
+    The head comes from the upstream head's bytes unless a hook read (and so
+    may have edited) ``exchange.response_headers``.
     Raises ``ConnectionResetError`` when the client has gone (as aiohttp's
     writer would); waits for the transport to drain past its high-water mark,
     so a client that does not read holds back its own connection only.
@@ -182,13 +157,22 @@ async def send_complete(
     keep_alive = not message.should_close  # request.keep_alive
     length = len(body)
     version = message.version
+    status = upstream.status
     head = None
-    if upstream_head is not None and not exchange.response_headers_built:
+    if not exchange.response_headers_built:
         head = raw_response_head(
-            version, status, reason, upstream_head, exchange.request_id, length, keep_alive
+            version,
+            status,
+            upstream.head,
+            upstream.scan,
+            exchange.request_id,
+            length,
+            keep_alive,
         )
     if head is None:
-        head = response_head(version, status, reason, exchange.response_headers, length, keep_alive)
+        head = response_head(
+            version, status, upstream.reason, exchange.response_headers, length, keep_alive
+        )
     protocol = request._protocol
     transport = protocol.transport
     if transport is None or transport.is_closing():

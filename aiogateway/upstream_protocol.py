@@ -7,8 +7,8 @@ only the callbacks httptools needs. httptools sees only response heads and
 chunked or read-until-close bodies: a Content-Length body is counted here and
 queued as the received buffers themselves (its on_body would copy each byte).
 httptools validates each head (no per-header callback); the head's bytes are
-kept whole, so framing comes from two regex searches and the client's head is
-written from those bytes (:mod:`aiogateway.response_writer`).
+kept whole, and one pass over its lines (``scan_head``) gives the framing and
+the lines the client's head is written from (:mod:`aiogateway.response_writer`).
 :mod:`aiogateway.upstream` owns the pool; :mod:`aiogateway.upstream_streams`
 the body streams and the errors.
 """
@@ -16,8 +16,6 @@ the body streams and the errors.
 from __future__ import annotations
 
 import asyncio
-import http
-import re
 import socket
 from collections.abc import AsyncIterable
 from typing import Protocol, cast
@@ -36,22 +34,15 @@ from .upstream_streams import (
     UpstreamReset,
     UpstreamResponse,
     UpstreamTimeout,
+    scan_head,
     send_body,
 )
 
 # Largest response head (status line + headers, interim responses included).
 MAX_HEAD_BYTES = 64 * 1024
 
-# For upstreams that send "HTTP/1.1 200" with no reason phrase.
-_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 
-# Framing headers in the lower-cased bytes of a head llhttp has accepted: CRLF
-# line ends only (so CRLF starts a header name), no space before the colon, at
-# most one Content-Length (digits), not both it and Transfer-Encoding.
-_CONTENT_LENGTH = b"\r\ncontent-length:"
-_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:[ \t]*([^\r]*)")
-
-__all__ = ["Connection", "Owner", "framing"]
+__all__ = ["Connection", "Owner"]
 
 
 class Owner(Protocol):
@@ -59,19 +50,6 @@ class Owner(Protocol):
 
     def _put_idle(self, conn: Connection) -> None: ...
     def _conn_closed(self, conn: Connection, was_idle: bool) -> None: ...
-
-
-def framing(head: bytes) -> tuple[int | None, bool]:
-    """Content-Length (None if absent) and whether the body is chunked, from a
-    response head llhttp accepted."""
-    low = head.lower()
-    at = low.find(_CONTENT_LENGTH)
-    if at >= 0:
-        at += len(_CONTENT_LENGTH)
-        return int(head[at : head.find(b"\r", at)]), False  # int() ignores the OWS
-    encodings = _TRANSFER_ENCODING.findall(low)
-    # The last coding decides (RFC 9112 §6.3): chunked framing or read-until-close.
-    return None, bool(encodings) and encodings[-1].rstrip().endswith(b"chunked")
 
 
 class Connection(asyncio.Protocol):
@@ -358,18 +336,9 @@ class Connection(asyncio.Protocol):
         if status < 200 and status != 101:
             self._interim = True  # 100/102/103: skip, wait for the final head
             return
-        length, chunked = framing(head)
-        # "HTTP/1.1 200 OK": the reason is what follows the second space (may be absent).
-        reason = head[: head.find(b"\r\n")].split(b" ", 2)[2:]
-        resp = UpstreamResponse(
-            status,
-            reason[0].decode("latin-1") if reason and reason[0] else _PHRASES.get(status, ""),
-            head,
-            length,
-            chunked,
-            parser.should_keep_alive(),
-            self,
-        )
+        scan = scan_head(head)
+        length, chunked = scan[0], scan[1]
+        resp = UpstreamResponse(status, head, scan, parser.should_keep_alive(), self)
         self._resp = resp
         if self._is_head or status == 101:
             # llhttp cannot be told "HEAD": it would wait for Content-Length

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING
+
+from .headers import RESPONSE_DROP, connection_listed
 
 if TYPE_CHECKING:
     from .upstream_protocol import Connection
@@ -22,6 +25,7 @@ __all__ = [
     "HIGH_WATER",
     "IDLE",
     "JOIN_BELOW",
+    "HeadScan",
     "StaleConnection",
     "UpstreamConnectError",
     "UpstreamError",
@@ -30,7 +34,9 @@ __all__ = [
     "UpstreamResponse",
     "UpstreamTimeout",
     "head_fields",
+    "scan_head",
     "send_body",
+    "status_reason",
 ]
 
 # Response flow control: above this many buffered body bytes the socket stops
@@ -40,6 +46,9 @@ HIGH_WATER = 256 * 1024
 # read() returns a buffered chunk this big on its own rather than join it with
 # the ones behind it (a copy); smaller ones are joined into one write.
 JOIN_BELOW = 16 * 1024
+
+# For upstreams that send "HTTP/1.1 200" with no reason phrase.
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
 
 # Connection states (of upstream_protocol.Connection), here to avoid an import cycle.
 IDLE, BUSY, DONE, CLOSED = 0, 1, 2, 3
@@ -74,6 +83,85 @@ class StaleConnection(UpstreamReset):
         self.consumed = consumed  # chunks of an async-iterable body were taken
 
 
+# What one pass over a head's lines finds: Content-Length (None if absent);
+# whether the body is chunked; the status line and the header lines the client
+# may get, joined by CRLF (no CRLF at the end); where the status line ends;
+# which defaulted headers (Content-Type 1, Date 2, Server 4) are there; whether
+# a Connection header names other headers (then the multidict path answers).
+HeadScan = tuple[int | None, bool, bytes, int, int, bool]
+
+# Header name as the upstream spelled it -> what scan_head does with its line:
+# >= 0 keep (a _DEFAULTED bit or 0), < 0 drop (and maybe read it for framing).
+_DROP, _CONNECTION, _CONTENT_LENGTH, _TRANSFER_ENCODING = -1, -2, -3, -4
+_DEFAULTED = {b"content-type": 1, b"date": 2, b"server": 4}
+_KINDS: dict[bytes, int] = {}
+_MAX_KINDS = 1024  # spellings remembered (an upstream could invent endless ones)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
+def _kind(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"content-length":
+        kind = _CONTENT_LENGTH
+    elif lname == b"transfer-encoding":
+        kind = _TRANSFER_ENCODING
+    elif lname == b"connection":
+        kind = _CONNECTION
+    elif lname in RESPONSE_DROP:
+        kind = _DROP
+    else:
+        kind = _DEFAULTED.get(lname, 0)
+    if len(_KINDS) < _MAX_KINDS:
+        _KINDS[name] = kind
+    return kind
+
+
+def scan_head(head: bytes) -> HeadScan:
+    """One pass over the lines of a response head llhttp accepted (CRLF line
+    ends, no obs-fold, no space before a colon, at most one Content-Length,
+    never both it and Transfer-Encoding): framing and the client's lines.
+
+    A dict lookup per line by the name as spelled: cheaper than lower() plus
+    searches or a regex scan (bytes.find parses its arguments the slow way,
+    ~1 k instructions a call, and sre tries every alternative at each line).
+    """
+    lines = head.split(b"\r\n")
+    del lines[-2:]  # the blank line's two empty pieces
+    kept = [lines[0]]
+    length: int | None = None
+    chunked = False
+    defaulted = 0
+    listed = False
+    kinds = _KINDS
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind >= 0:
+            defaulted |= kind
+            kept.append(line)
+        elif kind == _CONTENT_LENGTH:
+            length = int(value)  # llhttp accepted it: digits and whitespace
+        elif kind == _TRANSFER_ENCODING:
+            # The last coding decides (RFC 9112 §6.3): chunked or read-until-close.
+            chunked = value.rstrip().lower().endswith(b"chunked")
+        elif kind == _CONNECTION:
+            value = value.strip()
+            if value not in _PLAIN_CONNECTION and connection_listed(value):
+                listed = True
+    if length is not None:
+        chunked = False
+    return length, chunked, b"\r\n".join(kept), len(lines[0]), defaulted, listed
+
+
+def status_reason(head: bytes, status: int) -> str:
+    """The reason phrase of a head's status line ("HTTP/1.1 200 OK": what follows
+    the second space), or the standard phrase when it has none."""
+    reason = head[: head.find(b"\r\n")].split(b" ", 2)[2:]
+    return reason[0].decode("latin-1") if reason and reason[0] else _PHRASES.get(status, "")
+
+
 def head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     """The header fields of a response head llhttp accepted (CRLF lines, no
     obs-fold, no space before a colon), as llhttp reports them: the value's
@@ -94,6 +182,7 @@ class UpstreamResponse:
         "_done",
         "_exc",
         "_headers",
+        "_reason",
         "_released",
         "_size",
         "_until_close",
@@ -102,26 +191,25 @@ class UpstreamResponse:
         "content_length",
         "head",
         "keep_alive",
-        "reason",
+        "scan",
         "status",
     )
 
     def __init__(
         self,
         status: int,
-        reason: str,
         head: bytes,
-        content_length: int | None,
-        chunked: bool,
+        scan: HeadScan,
         keep_alive: bool,
         conn: Connection,
     ) -> None:
         self.status = status
-        self.reason = reason
         self.head = head  # status line, header lines and the blank line, as received
+        self.scan = scan
+        self.content_length = scan[0]
+        self.chunked = scan[1]
+        self._reason: str | None = None
         self._headers: list[tuple[bytes, bytes]] | None = None
-        self.content_length = content_length
-        self.chunked = chunked
         self.keep_alive = keep_alive
         self._conn: Connection | None = conn
         self._chunks: list[bytes | memoryview] = []
@@ -131,6 +219,14 @@ class UpstreamResponse:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase (the standard one when the upstream sent none)."""
+        reason = self._reason
+        if reason is None:
+            reason = self._reason = status_reason(self.head, self.status)
+        return reason
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
