@@ -105,6 +105,7 @@ class DeliveryQueue:
         self._fast_limit = min(max_queue, batch_size - 1)
         # Set while the worker sleeps: a full batch or close() wakes it early.
         self._waiter: asyncio.Future[None] | None = None
+        self._linger = False  # the batch in hand was not full: wait for the next to fill
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
@@ -263,6 +264,18 @@ class DeliveryQueue:
                 await self._tick()
                 if self._closing and not self._head and not self._mem:
                     return
+                if (
+                    self._linger
+                    and not self._head
+                    and not self._closing
+                    and len(self._mem) < self._batch_size
+                ):
+                    # The last batch was not full: give this one up to flush_interval
+                    # to fill (a batch's own cost, a COPY or a Produce request, is
+                    # then shared by more records), as when the worker was idle.
+                    self._linger = False
+                    await self._idle()
+                    continue
                 if not self._head and not self._fill_head():
                     if self._closing:
                         return
@@ -284,6 +297,7 @@ class DeliveryQueue:
             n = min(len(self._mem), self._batch_size)
             popleft = self._mem.popleft
             self._head = [popleft() for _ in range(n)]
+            self._linger = n < self._batch_size
             return True
         if self._spool:
             self._head, self._head_token = self._spool.take(self._batch_size)

@@ -532,3 +532,52 @@ def test_spool_acknowledges_exactly_what_was_appended_in_order(
         assert spool.size == 0
         spool.close()
         assert list(directory.glob("*.seg")) == []
+
+
+async def test_after_a_partial_batch_the_next_waits_to_fill(tmp_path: Path) -> None:
+    """A record that came while a short batch was in the sink is not sent alone:
+    the worker waits (at most flush_interval) for the batch to fill, so a
+    batch's own cost is shared by more records."""
+    batches: list[list[bytes]] = []
+    gates: list[asyncio.Event] = []
+
+    async def gated(batch: list[bytes]) -> list[bytes]:
+        gate = asyncio.Event()
+        gates.append(gate)
+        batches.append(list(batch))
+        await gate.wait()
+        return []
+
+    async def until(n: int) -> None:
+        for _ in range(500):
+            if len(batches) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(batches)} batches, waited for {n}")
+
+    q = DeliveryQueue(
+        "test",
+        gated,
+        spool_dir=tmp_path / "spool",
+        telemetry=Telemetry(),
+        queue_name="q",
+        batch_size=4,
+        flush_interval=5.0,
+    )
+    await q.start()
+    for r in records(0, 4):
+        q.put(r)
+    await until(1)  # a full batch, in the sink
+    q.put(b"rec-000004")
+    gates[0].set()
+    await until(2)  # the short batch [4], in the sink
+    q.put(b"rec-000005")
+    gates[1].set()
+    await asyncio.sleep(0.2)
+    assert batches == [records(0, 4), records(4, 5)], "a lone record waits for more"
+    for r in records(6, 9):
+        q.put(r)  # fills the batch: it goes at once, long before flush_interval
+    await until(3)
+    assert batches[2] == records(5, 9)
+    gates[2].set()
+    await q.close(5)
