@@ -223,6 +223,8 @@ async def refuses_connections(port: int) -> bool:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return True  # it was in the backlog of a listener closing just then
     writer.close()
     return False
 
