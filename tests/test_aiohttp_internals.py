@@ -14,10 +14,8 @@ from aiohttp import web
 
 from tests.support.gateway import StartGateway
 
-
-async def test_request_private_fields_match_the_public_ones(start_gateway: StartGateway) -> None:
-    gw = await start_gateway(
-        """
+# One route to an upstream no test request reaches (the probes are special paths).
+CONFIG = """
 [upstreams.up]
 url = "http://127.0.0.1:9"
 
@@ -27,7 +25,10 @@ prefix = "/"
 upstream = "up"
 chain = []
 """
-    )
+
+
+async def test_request_private_fields_match_the_public_ones(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(CONFIG)
     seen: list[tuple[object, ...]] = []
 
     async def probe(request: web.BaseRequest) -> web.StreamResponse:
@@ -65,18 +66,7 @@ async def test_requests_on_a_connection_run_in_its_task(start_gateway: StartGate
 
     if aiohttp.__version__ == "3.14.5":
         assert httpserver.INLINE_START, "the copied start() should match this aiohttp"
-    gw = await start_gateway(
-        """
-[upstreams.up]
-url = "http://127.0.0.1:9"
-
-[[routes]]
-name = "r"
-prefix = "/"
-upstream = "up"
-chain = []
-"""
-    )
+    gw = await start_gateway(CONFIG)
     tasks: list[asyncio.Task[object] | None] = []
 
     async def probe(request: web.BaseRequest) -> web.StreamResponse:
